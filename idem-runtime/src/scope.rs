@@ -1,0 +1,166 @@
+//! Who is asking: scopes, and the record address derived from (scope, key).
+//!
+//! A record is addressed by a SHA-256 of the scope and the key, never by the key alone, so one
+//! client can neither read nor block another's records, and client-chosen bytes never land raw in a
+//! store key.
+
+use std::{borrow::Cow, fmt, future::Ready};
+
+use actix_web::{dev::Payload, FromRequest, HttpRequest};
+use sha2::{Digest, Sha256};
+
+use crate::key::IdempotencyKey;
+
+/// An extractor that names the caller for idempotency purposes.
+///
+/// Implement it for your authenticated-user extractor and name the type in
+/// `#[idempotent(scope = AuthUser)]`, or register a resolver on [`crate::Idempotency`].
+/// The id must be stable for one client and distinct between clients (an account id, a tenant id,
+/// an API key's id).
+pub trait IdempotencyScope: FromRequest {
+    /// The caller's stable id.
+    fn scope_id(&self) -> Cow<'_, str>;
+}
+
+/// The explicit choice to share one key space between all callers.
+///
+/// Use it only where keys are already unguessable and unshared (for example, server-issued). Any
+/// client that learns a key can then read the response stored under it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unscoped;
+
+impl FromRequest for Unscoped {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(_: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(Ok(Self))
+    }
+}
+
+impl IdempotencyScope for Unscoped {
+    fn scope_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+}
+
+/// A resolved caller id.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopeId(String);
+
+impl ScopeId {
+    /// Wraps a caller id.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The shared scope of [`Unscoped`].
+    pub fn unscoped() -> Self {
+        Self(String::new())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ScopeId").field(&self.0).finish()
+    }
+}
+
+/// The address of one record: a digest of (scope, key).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RecordKey([u8; 32]);
+
+impl RecordKey {
+    /// The address of `key` within `scope`.
+    pub fn new(scope: &ScopeId, key: &IdempotencyKey) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"idem/record/v1\0");
+        h.update((scope.as_str().len() as u64).to_be_bytes());
+        h.update(scope.as_str().as_bytes());
+        h.update((key.as_str().len() as u64).to_be_bytes());
+        h.update(key.as_str().as_bytes());
+        Self(h.finalize().into())
+    }
+
+    /// The digest bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex of the first 16 bytes: the part of store keys that names the record.
+    ///
+    /// 128 bits keep accidental collisions out of reach while keeping keys short.
+    pub fn hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(32);
+        for b in &self.0[..16] {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        s
+    }
+
+    /// The store key under `prefix`. The hex digest is wrapped in a Redis Cluster hash tag
+    /// (`{...}`), so that every key one record touches maps to one slot.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        let mut s = String::with_capacity(prefix.len() + 34);
+        s.push_str(prefix);
+        s.push('{');
+        s.push_str(&self.hex());
+        s.push('}');
+        s
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordKey({})", self.hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(s.as_bytes()).expect("valid key")
+    }
+
+    #[test]
+    fn scope_separates_records() {
+        let k = key("abc");
+        assert_ne!(
+            RecordKey::new(&ScopeId::new("alice"), &k),
+            RecordKey::new(&ScopeId::new("bob"), &k)
+        );
+        assert_eq!(
+            RecordKey::new(&ScopeId::new("alice"), &k),
+            RecordKey::new(&ScopeId::new("alice"), &key("\"abc\""))
+        );
+    }
+
+    #[test]
+    fn scope_and_key_boundaries_are_unambiguous() {
+        assert_ne!(
+            RecordKey::new(&ScopeId::new("ab"), &key("c")),
+            RecordKey::new(&ScopeId::new("a"), &key("bc"))
+        );
+    }
+
+    #[test]
+    fn redis_key_carries_a_hash_tag_and_no_client_bytes() {
+        let rk = RecordKey::new(&ScopeId::new("alice"), &key("{evil}"));
+        let redis_key = rk.redis_key("idem:");
+        assert!(redis_key.starts_with("idem:{"));
+        assert!(redis_key.ends_with('}'));
+        assert_eq!(redis_key.len(), "idem:".len() + 34);
+        assert!(!redis_key.contains("evil"));
+        let tag = &redis_key["idem:{".len()..redis_key.len() - 1];
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,158 @@
+//! The store trait and its backends.
+//!
+//! Every backend gives the same answers for the same calls; one behavioural suite
+//! (`idem-runtime/tests/store_suite.rs`) runs against each.
+
+use std::{fmt, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{
+    fingerprint::Fingerprint,
+    protocol::Claim,
+    record::{encode_pending, DecodeError, EncodeError, OwnerToken, StoredResponse},
+    scope::RecordKey,
+};
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
+
+/// One request's claim on a record: the record's address, the request's fingerprint and the owner
+/// token that fences every later write.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket {
+    key: RecordKey,
+    fingerprint: Fingerprint,
+    token: OwnerToken,
+    pending: Bytes,
+}
+
+impl Ticket {
+    /// A ticket with a fresh random owner token.
+    pub fn new(key: RecordKey, fingerprint: Fingerprint) -> Self {
+        Self::with_token(key, fingerprint, OwnerToken::random())
+    }
+
+    /// A ticket with a given owner token (tests use it to play a stale owner).
+    pub fn with_token(key: RecordKey, fingerprint: Fingerprint, token: OwnerToken) -> Self {
+        let pending = encode_pending(&fingerprint, &token);
+        Self {
+            key,
+            fingerprint,
+            token,
+            pending,
+        }
+    }
+
+    /// The record's address.
+    pub fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    /// The request's fingerprint.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    /// The owner token.
+    pub fn token(&self) -> &OwnerToken {
+        &self.token
+    }
+
+    /// The encoded pending record this ticket writes; the store compares against it to fence
+    /// renew, complete and release.
+    pub fn pending_record(&self) -> &Bytes {
+        &self.pending
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("key", &self.key)
+            .field("fingerprint", &self.fingerprint)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+/// Whether a fenced write found this ticket still owning the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Ownership {
+    /// The ticket held the lease; the write happened.
+    Held,
+    /// Another request owns the record, or it expired: nothing was changed.
+    Lost,
+}
+
+/// A store failure. The request that met it does not run its handler (unless it fails open).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or refused the command.
+    #[error("the idempotency store is unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store did not answer within the configured timeout.
+    #[error("the idempotency store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store holds a value under the record's key that is not a valid record.
+    #[error("the stored record is corrupt: {0}")]
+    Corrupt(#[from] DecodeError),
+    /// The response cannot be encoded for storage.
+    #[error("the response cannot be stored: {0}")]
+    Encode(#[from] EncodeError),
+    /// The store answered something the protocol does not allow.
+    #[error("the idempotency store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// A place to keep idempotency records.
+///
+/// `claim` and `complete` are each one atomic operation (one round trip for a network store).
+/// `renew`, `complete` and `release` change the record only while the ticket still owns it.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Claims the record for `ticket`: creates a pending record with a `lease` when none exists, and
+    /// otherwise classifies the existing one (see [`crate::protocol::classify`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails or holds a corrupt value.
+    async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError>;
+
+    /// Extends the lease of a pending record this ticket owns.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError>;
+
+    /// Replaces the pending record this ticket owns with the completed response, kept for `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails or the response cannot be encoded.
+    async fn complete(
+        &self,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError>;
+
+    /// Deletes the pending record this ticket owns, so a retry runs the handler again.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError>;
+}
+
+/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry".
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}

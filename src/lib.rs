@@ -1,0 +1,2 @@
+//! idem
+pub use idem_runtime::*;
