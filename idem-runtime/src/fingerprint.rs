@@ -105,11 +105,20 @@ mod tests {
     #[test]
     fn every_field_counts() {
         let base = Fingerprint::compute("POST", "/payments", "a=1", b"{}");
-        assert_eq!(base, Fingerprint::compute("POST", "/payments", "a=1", b"{}"));
+        assert_eq!(
+            base,
+            Fingerprint::compute("POST", "/payments", "a=1", b"{}")
+        );
         assert_ne!(base, Fingerprint::compute("PUT", "/payments", "a=1", b"{}"));
         assert_ne!(base, Fingerprint::compute("POST", "/payment", "a=1", b"{}"));
-        assert_ne!(base, Fingerprint::compute("POST", "/payments", "a=2", b"{}"));
-        assert_ne!(base, Fingerprint::compute("POST", "/payments", "a=1", b"{ }"));
+        assert_ne!(
+            base,
+            Fingerprint::compute("POST", "/payments", "a=2", b"{}")
+        );
+        assert_ne!(
+            base,
+            Fingerprint::compute("POST", "/payments", "a=1", b"{ }")
+        );
     }
 
     #[test]

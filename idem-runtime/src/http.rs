@@ -119,8 +119,7 @@ const MISSING_CONFIG: &str = "an #[idempotent] handler ran in an app with no ide
 
 fn misconfigured(fix: &'static str) -> actix_web::Error {
     tracing::error!("{fix}");
-    actix_web::error::InternalError::from_response(fix, Problem::Misconfigured.to_response())
-        .into()
+    actix_web::error::InternalError::from_response(fix, Problem::Misconfigured.to_response()).into()
 }
 
 /// Converts a handler's `Responder` output into a response.
@@ -497,7 +496,10 @@ async fn collect(body: BoxBody, limit: usize) -> Collected {
                 len += chunk.len();
                 chunks.push(chunk);
                 if len > limit {
-                    return Collected::TooLarge(chunks, BoxBody::new(BodyStream::new(body_stream_pinned(body))));
+                    return Collected::TooLarge(
+                        chunks,
+                        BoxBody::new(BodyStream::new(body_stream_pinned(body))),
+                    );
                 }
             }
             Some(Err(err)) => {

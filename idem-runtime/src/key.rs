@@ -192,7 +192,10 @@ mod tests {
     fn length_bounds() {
         assert_eq!(ok(&"k".repeat(255)).len(), 255);
         assert_eq!(ok(&format!("\"{}\"", "k".repeat(255))).len(), 255);
-        assert_eq!(err("k".repeat(256).as_bytes()), KeyError::TooLong { len: 256 });
+        assert_eq!(
+            err("k".repeat(256).as_bytes()),
+            KeyError::TooLong { len: 256 }
+        );
         assert_eq!(ok("k"), "k");
     }
 
@@ -208,7 +211,10 @@ mod tests {
         assert_eq!(err(b"a b"), KeyError::InvalidCharacter { position: 1 });
         assert_eq!(err(b"\"a b\""), KeyError::InvalidCharacter { position: 1 });
         assert_eq!(err(b"ab\x7f"), KeyError::InvalidCharacter { position: 2 });
-        assert_eq!(err("é".as_bytes()), KeyError::InvalidCharacter { position: 0 });
+        assert_eq!(
+            err("é".as_bytes()),
+            KeyError::InvalidCharacter { position: 0 }
+        );
         assert_eq!(err(b"a\x00"), KeyError::InvalidCharacter { position: 1 });
         assert_eq!(err(b"a\tb"), KeyError::InvalidCharacter { position: 1 });
     }

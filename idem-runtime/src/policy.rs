@@ -52,7 +52,9 @@ mod tests {
 
     #[test]
     fn success_and_client_errors_are_stored() {
-        for code in [200, 201, 202, 204, 301, 303, 400, 401, 402, 403, 404, 409, 422] {
+        for code in [
+            200, 201, 202, 204, 301, 303, 400, 401, 402, 403, 404, 409, 422,
+        ] {
             assert_eq!(d(code, ServerErrors::Release), Disposition::Store, "{code}");
         }
     }
@@ -67,7 +69,11 @@ mod tests {
     #[test]
     fn server_errors_follow_the_choice() {
         for code in [500, 502, 503, 504] {
-            assert_eq!(d(code, ServerErrors::Release), Disposition::Release, "{code}");
+            assert_eq!(
+                d(code, ServerErrors::Release),
+                Disposition::Release,
+                "{code}"
+            );
             assert_eq!(d(code, ServerErrors::Store), Disposition::Store, "{code}");
         }
     }

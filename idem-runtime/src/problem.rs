@@ -175,7 +175,9 @@ mod tests {
     fn json(p: &Problem) -> serde_json::Value {
         let resp = p.to_response();
         assert_eq!(
-            resp.headers().get(header::CONTENT_TYPE).map(HeaderValue::as_bytes),
+            resp.headers()
+                .get(header::CONTENT_TYPE)
+                .map(HeaderValue::as_bytes),
             Some(&b"application/problem+json"[..])
         );
         let bytes = resp
@@ -188,16 +190,33 @@ mod tests {
     #[test]
     fn statuses_and_types() {
         let cases = [
-            (Problem::MissingKey { header: "Idempotency-Key".into() }, 400, "missing-key"),
             (
-                Problem::InvalidKey { reason: KeyError::Empty, header: "Idempotency-Key".into() },
+                Problem::MissingKey {
+                    header: "Idempotency-Key".into(),
+                },
+                400,
+                "missing-key",
+            ),
+            (
+                Problem::InvalidKey {
+                    reason: KeyError::Empty,
+                    header: "Idempotency-Key".into(),
+                },
                 400,
                 "invalid-key",
             ),
             (Problem::Mismatch, 422, "key-reused"),
-            (Problem::InFlight { retry_after: Duration::from_millis(1200) }, 409, "in-flight"),
             (
-                Problem::StoreUnavailable { retry_after: Duration::from_secs(1) },
+                Problem::InFlight {
+                    retry_after: Duration::from_millis(1200),
+                },
+                409,
+                "in-flight",
+            ),
+            (
+                Problem::StoreUnavailable {
+                    retry_after: Duration::from_secs(1),
+                },
                 503,
                 "store-unavailable",
             ),
@@ -215,9 +234,14 @@ mod tests {
 
     #[test]
     fn retry_after_header() {
-        let resp = Problem::InFlight { retry_after: Duration::from_millis(1200) }.to_response();
+        let resp = Problem::InFlight {
+            retry_after: Duration::from_millis(1200),
+        }
+        .to_response();
         assert_eq!(
-            resp.headers().get(header::RETRY_AFTER).map(HeaderValue::as_bytes),
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .map(HeaderValue::as_bytes),
             Some(&b"2"[..])
         );
         assert_eq!(retry_after_secs(Duration::ZERO), 1);

@@ -194,7 +194,8 @@ impl Record {
                     let name_len = usize::from(r.u16()?);
                     let name = HeaderName::from_bytes(&r.take(name_len)?)
                         .map_err(|_| DecodeError::InvalidHeader)?;
-                    let value_len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+                    let value_len =
+                        usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
                     let value = HeaderValue::from_maybe_shared(r.take(value_len)?)
                         .map_err(|_| DecodeError::InvalidHeader)?;
                     headers.push((name, value));
@@ -242,7 +243,8 @@ pub fn encode_completed(
     let count = u16::try_from(response.headers.len()).map_err(|_| EncodeError::TooManyHeaders)?;
     buf.put_u16(count);
     for (name, value) in &response.headers {
-        let name_len = u16::try_from(name.as_str().len()).map_err(|_| EncodeError::HeaderTooLong)?;
+        let name_len =
+            u16::try_from(name.as_str().len()).map_err(|_| EncodeError::HeaderTooLong)?;
         let value_len = u32::try_from(value.len()).map_err(|_| EncodeError::HeaderTooLong)?;
         buf.put_u16(name_len);
         buf.put_slice(name.as_str().as_bytes());
@@ -452,7 +454,10 @@ mod tests {
         );
         enc[3] = KIND_PENDING;
         enc.put_u8(0);
-        assert_eq!(Record::decode(enc.freeze()), Err(DecodeError::TrailingBytes));
+        assert_eq!(
+            Record::decode(enc.freeze()),
+            Err(DecodeError::TrailingBytes)
+        );
 
         let mut bad_status = BytesMut::new();
         put_header(&mut bad_status, KIND_COMPLETED, &fp());
@@ -501,10 +506,7 @@ mod tests {
             "keep-alive",
             "upgrade",
         ] {
-            headers.insert(
-                HeaderName::from_static(name),
-                HeaderValue::from_static("x"),
-            );
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
         }
         let captured = StoredResponse::capture(StatusCode::OK, &headers, Bytes::new());
         let names: Vec<_> = captured.headers.iter().map(|(n, _)| n.as_str()).collect();

@@ -19,7 +19,9 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
+pub use self::redis::{
+    RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
+};
 
 /// One request's claim on a record: the record's address, the request's fingerprint and the owner
 /// token that fences every later write.

@@ -108,11 +108,11 @@ pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreE
                 let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
                 Ok(classify(record, ticket.fingerprint(), remaining))
             }
-            _ => Err(StoreError::Protocol("claim answered a malformed array".into())),
+            _ => Err(StoreError::Protocol(
+                "claim answered a malformed array".into(),
+            )),
         },
-        other => Err(StoreError::Protocol(format!(
-            "claim answered {other:?}"
-        ))),
+        other => Err(StoreError::Protocol(format!("claim answered {other:?}"))),
     }
 }
 
@@ -290,12 +290,7 @@ impl RedisStore {
         }
     }
 
-    async fn eval(
-        &self,
-        script: &Script,
-        key: &str,
-        args: &[&[u8]],
-    ) -> Result<Value, StoreError> {
+    async fn eval(&self, script: &Script, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
         let timeout = self.inner.timeout;
         let mut lane = None;
         let call = async {

@@ -1,0 +1,395 @@
+//! The behavioural suite every store backend passes: the same test functions, run by
+//! `suite!(backend_name, harness_expression)` against each backend.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use idem_runtime::{
+    http::IDEMPOTENT_REPLAYED,
+    record::OwnerToken,
+    store::{Ownership, Store, Ticket},
+    Claim, Fingerprint, IdempotencyKey, RecordKey, ScopeId, StoreError, StoredResponse,
+};
+
+use actix_web::http::{
+    header::{HeaderName, HeaderValue},
+    StatusCode,
+};
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One backend under test.
+pub struct Harness {
+    pub store: Arc<dyn Store>,
+    /// The remaining time to live of every key the store holds, in ms (`None`: no expiry).
+    pub ttls: Box<dyn Fn() -> BoxFuture<'static, Vec<Option<u64>>> + Send + Sync>,
+    /// Writes raw bytes where the ticket's record lives (backends that hold encoded bytes).
+    pub write_raw: Option<Box<dyn Fn(Ticket, Vec<u8>) -> BoxFuture<'static, ()> + Send + Sync>>,
+    /// Makes the key hold a value of another type (a foreign writer), where the backend can.
+    pub write_foreign_type: Option<Box<dyn Fn(Ticket) -> BoxFuture<'static, ()> + Send + Sync>>,
+    /// Keeps servers alive as long as the harness.
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+pub const LEASE: Duration = Duration::from_secs(10);
+pub const TTL: Duration = Duration::from_secs(3600);
+
+pub fn ticket(scope: &str, key: &str, body: &[u8]) -> Ticket {
+    let key = IdempotencyKey::parse(key.as_bytes()).expect("valid key");
+    Ticket::new(
+        RecordKey::new(&ScopeId::new(scope), &key),
+        Fingerprint::compute("POST", "/payments", "", body),
+    )
+}
+
+/// Another request with the same key and body: same record, same fingerprint, new owner token.
+pub fn retry_of(t: &Ticket) -> Ticket {
+    Ticket::new(*t.key(), *t.fingerprint())
+}
+
+pub fn response(body: &'static [u8]) -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![
+            (
+                HeaderName::from_static("content-type"),
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                HeaderName::from_static("location"),
+                HeaderValue::from_static("/payments/pay_1"),
+            ),
+            (
+                HeaderName::from_static("x-dup"),
+                HeaderValue::from_static("1"),
+            ),
+            (
+                HeaderName::from_static("x-dup"),
+                HeaderValue::from_static("2"),
+            ),
+        ],
+        body: Bytes::from_static(body),
+    }
+}
+
+async fn must_claim(store: &dyn Store, t: &Ticket, lease: Duration) -> Claim {
+    store.claim(t, lease).await.expect("claim succeeds")
+}
+
+pub async fn first_claim_acquires_and_duplicates_are_in_flight(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    match must_claim(&*h.store, &retry_of(&t), LEASE).await {
+        Claim::InFlight { retry_after } => {
+            assert!(retry_after <= LEASE, "{retry_after:?}");
+            assert!(retry_after > LEASE / 2, "{retry_after:?}");
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+}
+
+pub async fn completed_records_replay_byte_for_byte(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    let resp = response(b"{\"id\":\"pay_1\"}\n\x00\xff binary tail");
+    assert_eq!(
+        h.store.complete(&t, &resp, TTL).await.expect("complete"),
+        Ownership::Held
+    );
+    for _ in 0..3 {
+        match must_claim(&*h.store, &retry_of(&t), LEASE).await {
+            Claim::Replay(stored) => {
+                assert_eq!(stored, resp);
+                assert!(!stored.headers.iter().any(|(n, _)| n == IDEMPOTENT_REPLAYED));
+            }
+            other => panic!("expected replay, got {other:?}"),
+        }
+    }
+}
+
+pub async fn a_different_request_with_the_same_key_is_a_mismatch(h: Harness) {
+    let t = ticket("alice", "k1", b"{\"amount\":100}");
+    let other = ticket("alice", "k1", b"{\"amount\":200}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    // While in flight: 422 wins over 409.
+    assert_eq!(must_claim(&*h.store, &other, LEASE).await, Claim::Mismatch);
+    assert_eq!(
+        h.store
+            .complete(&t, &response(b"ok"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    assert_eq!(must_claim(&*h.store, &other, LEASE).await, Claim::Mismatch);
+}
+
+pub async fn scopes_do_not_share_records(h: Harness) {
+    let alice = ticket("alice", "same-key", b"{}");
+    let bob = ticket("bob", "same-key", b"{}");
+    assert_eq!(must_claim(&*h.store, &alice, LEASE).await, Claim::Acquired);
+    assert_eq!(must_claim(&*h.store, &bob, LEASE).await, Claim::Acquired);
+    let bob_other_body = ticket("bob", "other", b"{\"x\":1}");
+    assert_eq!(
+        must_claim(&*h.store, &bob_other_body, LEASE).await,
+        Claim::Acquired
+    );
+}
+
+pub async fn a_stale_owner_can_neither_complete_nor_release(h: Harness) {
+    let owner = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &owner, LEASE).await, Claim::Acquired);
+    let stale = Ticket::with_token(*owner.key(), *owner.fingerprint(), OwnerToken::random());
+    assert_eq!(
+        h.store
+            .complete(&stale, &response(b"stale"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Lost
+    );
+    assert_eq!(
+        h.store.release(&stale).await.expect("release"),
+        Ownership::Lost
+    );
+    assert_eq!(
+        h.store.renew(&stale, LEASE).await.expect("renew"),
+        Ownership::Lost
+    );
+    // Nothing changed: the record is still in flight, and the real owner completes it.
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&owner), LEASE).await,
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        h.store
+            .complete(&owner, &response(b"real"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    // A completed record is no longer pending: even its owner cannot overwrite or release it.
+    assert_eq!(
+        h.store
+            .complete(&owner, &response(b"again"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Lost
+    );
+    assert_eq!(
+        h.store.release(&owner).await.expect("release"),
+        Ownership::Lost
+    );
+    match must_claim(&*h.store, &retry_of(&owner), LEASE).await {
+        Claim::Replay(r) => assert_eq!(r.body, Bytes::from_static(b"real")),
+        other => panic!("expected replay, got {other:?}"),
+    }
+}
+
+pub async fn an_expired_lease_lets_a_new_claim_in_and_fences_the_old_owner(h: Harness) {
+    let short = Duration::from_millis(150);
+    let first = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &first, short).await, Claim::Acquired);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = retry_of(&first);
+    assert_eq!(must_claim(&*h.store, &second, LEASE).await, Claim::Acquired);
+    // The first owner wakes up late: it must not overwrite or delete the newer record.
+    assert_eq!(
+        h.store
+            .complete(&first, &response(b"late"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Lost
+    );
+    assert_eq!(
+        h.store.release(&first).await.expect("release"),
+        Ownership::Lost
+    );
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&first), LEASE).await,
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        h.store
+            .complete(&second, &response(b"second"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    match must_claim(&*h.store, &retry_of(&first), LEASE).await {
+        Claim::Replay(r) => assert_eq!(r.body, Bytes::from_static(b"second")),
+        other => panic!("expected replay, got {other:?}"),
+    }
+}
+
+pub async fn renewal_keeps_the_lease(h: Harness) {
+    let short = Duration::from_millis(300);
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, short).await, Claim::Acquired);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            h.store.renew(&t, short).await.expect("renew"),
+            Ownership::Held
+        );
+    }
+    // 600 ms after the claim, twice the lease: still ours.
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&t), short).await,
+        Claim::InFlight { .. }
+    ));
+}
+
+pub async fn release_lets_a_retry_run_again(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    assert_eq!(h.store.release(&t).await.expect("release"), Ownership::Held);
+    let retry = retry_of(&t);
+    assert_eq!(must_claim(&*h.store, &retry, LEASE).await, Claim::Acquired);
+    // The released owner is fenced out of the new record.
+    assert_eq!(
+        h.store
+            .complete(&t, &response(b"x"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Lost
+    );
+}
+
+pub async fn completed_records_expire_after_their_ttl(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        h.store
+            .complete(&t, &response(b"x"), Duration::from_millis(200))
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&t), LEASE).await,
+        Claim::Replay(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        must_claim(&*h.store, &retry_of(&t), LEASE).await,
+        Claim::Acquired
+    );
+}
+
+pub async fn every_key_has_a_ttl_within_bounds(h: Harness) {
+    let pending = ticket("alice", "pending", b"{}");
+    let done = ticket("alice", "done", b"{}");
+    assert_eq!(
+        must_claim(&*h.store, &pending, LEASE).await,
+        Claim::Acquired
+    );
+    assert_eq!(must_claim(&*h.store, &done, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        h.store
+            .complete(&done, &response(b"x"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    let ttls = (h.ttls)().await;
+    assert_eq!(ttls.len(), 2, "{ttls:?}");
+    let mut ttls: Vec<u64> = ttls
+        .into_iter()
+        .map(|t| t.expect("every key has a TTL"))
+        .collect();
+    ttls.sort_unstable();
+    assert!(
+        ttls[0] <= LEASE.as_millis() as u64 && ttls[0] > 0,
+        "{ttls:?}"
+    );
+    assert!(
+        ttls[1] <= TTL.as_millis() as u64 && ttls[1] > LEASE.as_millis() as u64,
+        "{ttls:?}"
+    );
+}
+
+pub async fn hundreds_of_concurrent_claims_yield_one_owner(h: Harness) {
+    let t = ticket("alice", "contended", b"{}");
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let store = Arc::clone(&h.store);
+        let retry = retry_of(&t);
+        tasks.push(tokio::spawn(
+            async move { store.claim(&retry, LEASE).await },
+        ));
+    }
+    let mut acquired = 0;
+    let mut in_flight = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("claim") {
+            Claim::Acquired => acquired += 1,
+            Claim::InFlight { .. } => in_flight += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((acquired, in_flight), (1, 499));
+}
+
+pub async fn corrupt_stored_values_are_errors(h: Harness) {
+    let write_raw = h
+        .write_raw
+        .as_ref()
+        .expect("this test is only instantiated for backends that hold encoded bytes");
+    for garbage in [
+        &b"not a record at all"[..],
+        b"",
+        b"id",
+        b"id\x01C",
+        b"id\x09Cxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ] {
+        let t = ticket("alice", "corrupt", garbage);
+        write_raw(t.clone(), garbage.to_vec()).await;
+        match h.store.claim(&t, LEASE).await {
+            Err(StoreError::Corrupt(_)) => {}
+            other => panic!("expected a corrupt-record error for {garbage:?}, got {other:?}"),
+        }
+    }
+    if let Some(write_foreign) = &h.write_foreign_type {
+        let t = ticket("alice", "foreign", b"{}");
+        write_foreign(t.clone()).await;
+        assert!(h.store.claim(&t, LEASE).await.is_err());
+        assert!(h.store.complete(&t, &response(b"x"), TTL).await.is_err());
+    }
+}
+
+/// Instantiates the suite for one backend: `suite!(memory, harness_expr)`, where the expression
+/// is a future yielding a [`Harness`]. Backends that hold encoded bytes add
+/// `; corrupt_stored_values_are_errors`.
+#[macro_export]
+macro_rules! suite {
+    ($name:ident, $harness:expr $(; $($extra:ident),*)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::suite!(@tests $harness;
+                first_claim_acquires_and_duplicates_are_in_flight,
+                completed_records_replay_byte_for_byte,
+                a_different_request_with_the_same_key_is_a_mismatch,
+                scopes_do_not_share_records,
+                a_stale_owner_can_neither_complete_nor_release,
+                an_expired_lease_lets_a_new_claim_in_and_fences_the_old_owner,
+                renewal_keeps_the_lease,
+                release_lets_a_retry_run_again,
+                completed_records_expire_after_their_ttl,
+                every_key_has_a_ttl_within_bounds,
+                hundreds_of_concurrent_claims_yield_one_owner,
+                $($($extra,)*)?
+            );
+        }
+    };
+    (@tests $harness:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let harness = $harness.await;
+                suite::$test(harness).await;
+            }
+        )*
+    };
+}
