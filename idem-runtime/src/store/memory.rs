@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
@@ -96,11 +96,9 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // The modulo keeps the index in range; truncation of the hash is intended.
         #[allow(clippy::cast_possible_truncation)]
-        let i = (h.finish() as usize) % self.shards.len();
+        let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         lock(&self.shards[i])
     }
 

@@ -19,16 +19,22 @@ use actix_web::http::{
 };
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// Lists the remaining TTL (ms) of every key the backend holds.
+pub type TtlProbe = Box<dyn Fn() -> BoxFuture<'static, Vec<Option<u64>>> + Send + Sync>;
+/// Writes raw bytes where a ticket's record lives.
+pub type RawWriter = Box<dyn Fn(Ticket, Vec<u8>) -> BoxFuture<'static, ()> + Send + Sync>;
+/// Puts a value of another type where a ticket's record lives.
+pub type ForeignWriter = Box<dyn Fn(Ticket) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// One backend under test.
 pub struct Harness {
     pub store: Arc<dyn Store>,
     /// The remaining time to live of every key the store holds, in ms (`None`: no expiry).
-    pub ttls: Box<dyn Fn() -> BoxFuture<'static, Vec<Option<u64>>> + Send + Sync>,
+    pub ttls: TtlProbe,
     /// Writes raw bytes where the ticket's record lives (backends that hold encoded bytes).
-    pub write_raw: Option<Box<dyn Fn(Ticket, Vec<u8>) -> BoxFuture<'static, ()> + Send + Sync>>,
+    pub write_raw: Option<RawWriter>,
     /// Makes the key hold a value of another type (a foreign writer), where the backend can.
-    pub write_foreign_type: Option<Box<dyn Fn(Ticket) -> BoxFuture<'static, ()> + Send + Sync>>,
+    pub write_foreign_type: Option<ForeignWriter>,
     /// Keeps servers alive as long as the harness.
     pub guard: Box<dyn std::any::Any + Send + Sync>,
 }
