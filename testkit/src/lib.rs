@@ -104,7 +104,10 @@ impl RedisServer {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return Err(format!("redis-server exited with {status} on port {}", self.port));
+                    return Err(format!(
+                        "redis-server exited with {status} on port {}",
+                        self.port
+                    ));
                 }
             }
             if ping(self.port) {
@@ -113,7 +116,10 @@ impl RedisServer {
             thread::sleep(Duration::from_millis(20));
         }
         self.kill();
-        Err(format!("redis-server on port {} did not answer PING", self.port))
+        Err(format!(
+            "redis-server on port {} did not answer PING",
+            self.port
+        ))
     }
 
     /// The port it listens on.
