@@ -1,0 +1,892 @@
+//! The idem load benchmark: `scripts/bench.sh` (or `cargo run --release -p idem-bench`).
+//!
+//! Starts its own `redis-server` on a free loopback port and the app in-process on another, drives
+//! each row with `wrk` for a bounded time, reads Redis's own `INFO commandstats` before and after
+//! each row, and prints a Markdown table. Rows run interleaved, round after round, so that drift
+//! (thermal, a noisy neighbour) hits every row alike; the table shows each row's median.
+
+mod app;
+mod probe;
+mod wrk;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use idem::{IdempotencyKey, RecordKey, ScopeId};
+use idem_testkit::{command_stats, RedisServer};
+
+use crate::wrk::{Keys, Load, WrkResult};
+
+/// The bearer token the load carries (see `wrk::SCRIPT`), hence the scope of every record.
+const ACCOUNT: &str = "acct_1MbenchAccount";
+
+struct Options {
+    seconds: u64,
+    warmup: u64,
+    rounds: usize,
+    load: Load,
+    workers: usize,
+    lanes: usize,
+    rows: Vec<String>,
+    hold: bool,
+}
+
+impl Options {
+    fn parse() -> Result<Self, String> {
+        let mut o = Self {
+            seconds: 5,
+            warmup: 1,
+            rounds: 3,
+            load: Load {
+                threads: 1,
+                connections: 32,
+            },
+            workers: 1,
+            lanes: idem::store::DEFAULT_LANES,
+            rows: DEFAULT_ROWS.iter().map(|s| (*s).to_owned()).collect(),
+            hold: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+            let num = |v: String, name: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{name}: `{v}` is not a number"))
+            };
+            match arg.as_str() {
+                "--seconds" => o.seconds = num(value("--seconds")?, "--seconds")?.clamp(1, 60),
+                "--warmup" => o.warmup = num(value("--warmup")?, "--warmup")?.min(30),
+                "--rounds" => o.rounds = num(value("--rounds")?, "--rounds")?.clamp(1, 20) as usize,
+                "--threads" => {
+                    o.load.threads = num(value("--threads")?, "--threads")?.clamp(1, 16) as usize;
+                }
+                "--connections" => {
+                    o.load.connections =
+                        num(value("--connections")?, "--connections")?.clamp(1, 1024) as usize;
+                }
+                "--workers" => {
+                    o.workers = num(value("--workers")?, "--workers")?.clamp(1, 16) as usize;
+                }
+                "--lanes" => o.lanes = num(value("--lanes")?, "--lanes")?.clamp(1, 16) as usize,
+                "--rows" => {
+                    o.rows = value("--rows")?
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                }
+                "--hold" => o.hold = true,
+                "-h" | "--help" => {
+                    println!("{HELP}");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument `{other}`\n{HELP}")),
+            }
+        }
+        if o.load.connections < o.load.threads {
+            o.load.connections = o.load.threads;
+        }
+        for id in &o.rows {
+            if !ROWS.iter().any(|r| r.id == id) {
+                let known: Vec<_> = ROWS.iter().map(|r| r.id).collect();
+                return Err(format!(
+                    "unknown row `{id}`; known rows: {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(o)
+    }
+}
+
+const HELP: &str = "idem-bench: load benchmark of idem (see idem-bench/RESULTS.md)
+
+options:
+  --seconds N      measured seconds per row and round (default 5)
+  --warmup N       unmeasured seconds before each row (default 1)
+  --rounds N       rounds over all rows, interleaved; the table shows medians (default 3)
+  --threads N      wrk threads (default 1)
+  --connections N  wrk connections (default 32)
+  --workers N      actix workers (default 1)
+  --lanes N        RedisStore lanes (default: the library's DEFAULT_LANES)
+  --rows a,b,...   rows to run (default: all but the extra connection-setup rows)
+  --hold           after the table, keep the servers up for a profiler until stdin closes";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seed {
+    None,
+    /// One request through the endpoint itself (the first request; the rest replay it).
+    Itself,
+    /// One request through the floor endpoint with the same key (stores what `GET` returns).
+    Floor,
+}
+
+struct RowDef {
+    id: &'static str,
+    num: &'static str,
+    label: &'static str,
+    path: &'static str,
+    keys: Keys,
+    baseline: Option<&'static str>,
+    redis: bool,
+    /// Whether the row runs the library's Lua scripts (their inner calls show in commandstats too).
+    scripts: bool,
+    seed: Seed,
+}
+
+const ROWS: &[RowDef] = &[
+    RowDef {
+        id: "plain",
+        num: "1",
+        label: "plain handler (no idempotency, no Redis): ceiling",
+        path: "/plain/payments",
+        keys: Keys::Unique,
+        baseline: None,
+        redis: false,
+        scripts: false,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "floor",
+        num: "2",
+        label: "hand-written `SET NX PX` + `SET`, one multiplexed connection per worker: floor",
+        path: "/floor/worker",
+        keys: Keys::Unique,
+        baseline: None,
+        redis: true,
+        scripts: false,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "floor-shared",
+        num: "2b",
+        label: "hand-written `SET NX PX` + `SET`, one multiplexed connection for all workers",
+        path: "/floor/shared",
+        keys: Keys::Unique,
+        baseline: Some("floor"),
+        redis: true,
+        scripts: false,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "floor-pool",
+        num: "2c",
+        label: "hand-written `SET NX PX` + `SET`, a deadpool-redis checkout per request",
+        path: "/floor/pool",
+        keys: Keys::Unique,
+        baseline: Some("floor"),
+        redis: true,
+        scripts: false,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "idem-redis-first",
+        num: "3",
+        label: "`#[idempotent]`, RedisStore, unique keys (every request a first request)",
+        path: "/redis/payments",
+        keys: Keys::Unique,
+        baseline: Some("floor"),
+        redis: true,
+        scripts: true,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "get",
+        num: "4a",
+        label: "hand-written one `GET` per request, one multiplexed connection per worker",
+        path: "/get/worker",
+        keys: Keys::Fixed,
+        baseline: None,
+        redis: true,
+        scripts: false,
+        seed: Seed::Floor,
+    },
+    RowDef {
+        id: "get-shared",
+        num: "4a'",
+        label: "hand-written one `GET` per request, one multiplexed connection for all workers",
+        path: "/get/shared",
+        keys: Keys::Fixed,
+        baseline: Some("get"),
+        redis: true,
+        scripts: false,
+        seed: Seed::Floor,
+    },
+    RowDef {
+        id: "idem-redis-replay",
+        num: "4",
+        label: "`#[idempotent]`, RedisStore, one key (every request a replay)",
+        path: "/redis/payments",
+        keys: Keys::Fixed,
+        baseline: Some("get"),
+        redis: true,
+        scripts: true,
+        seed: Seed::Itself,
+    },
+    RowDef {
+        id: "idem-memory-first",
+        num: "5a",
+        label: "`#[idempotent]`, MemoryStore, unique keys",
+        path: "/memory/payments",
+        keys: Keys::Unique,
+        baseline: Some("plain"),
+        redis: false,
+        scripts: false,
+        seed: Seed::None,
+    },
+    RowDef {
+        id: "idem-memory-replay",
+        num: "5b",
+        label: "`#[idempotent]`, MemoryStore, one key (replays)",
+        path: "/memory/payments",
+        keys: Keys::Fixed,
+        baseline: Some("plain"),
+        redis: false,
+        scripts: false,
+        seed: Seed::Itself,
+    },
+];
+
+const DEFAULT_ROWS: &[&str] = &[
+    "plain",
+    "floor",
+    "floor-pool",
+    "idem-redis-first",
+    "get",
+    "idem-redis-replay",
+    "idem-memory-first",
+    "idem-memory-replay",
+];
+
+/// The commands the library's Lua scripts call. Redis counts them in `INFO commandstats` too,
+/// but they are no round trips: they run inside the `EVALSHA` that called them.
+const SCRIPT_CALLS: &[&str] = &["get", "set", "pttl", "pexpire", "del"];
+
+/// Calls per request, by command name.
+type PerRequest = Vec<(String, f64)>;
+
+#[derive(Default)]
+struct RowStats {
+    runs: Vec<WrkResult>,
+    commands: BTreeMap<String, u64>,
+    requests: u64,
+    app_cpu: f64,
+    redis_cpu: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl RowStats {
+    fn rps(&self) -> f64 {
+        median(self.runs.iter().map(WrkResult::rps).collect())
+    }
+    fn p50_ms(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p50_us / 1000.0).collect())
+    }
+    fn p99_ms(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p99_us / 1000.0).collect())
+    }
+    fn spread(&self) -> (f64, f64) {
+        let rps = self.runs.iter().map(WrkResult::rps);
+        let lo = rps.clone().fold(f64::INFINITY, f64::min);
+        let hi = rps.fold(0.0, f64::max);
+        (lo, hi)
+    }
+    /// Commands per request: (sent by the app, run inside the scripts the app sent).
+    fn per_request(&self, scripts: bool) -> (PerRequest, PerRequest) {
+        if self.requests == 0 {
+            return (Vec::new(), Vec::new());
+        }
+        self.commands
+            .iter()
+            .map(|(name, calls)| (name.clone(), *calls as f64 / self.requests as f64))
+            .filter(|(_, per)| *per >= 0.005)
+            .partition(|(name, _)| !(scripts && SCRIPT_CALLS.contains(&name.as_str())))
+    }
+    /// Commands the app sent per request: its Redis round trips.
+    fn sent_per_request(&self, scripts: bool) -> f64 {
+        self.per_request(scripts).0.iter().map(|(_, n)| n).sum()
+    }
+    fn cpu_us(&self, seconds: f64) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            seconds * 1e6 / self.requests as f64
+        }
+    }
+}
+
+fn commands(redis: &RedisServer) -> BTreeMap<String, u64> {
+    command_stats(&redis.cli(&["INFO", "commandstats"]))
+        .into_iter()
+        .collect()
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32, tick: f64) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name, which is in parentheses: state is field 3, utime 14,
+    // stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / tick
+}
+
+fn clock_tick() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let first_line = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let redis = first_line(&idem_testkit::redis_server_binary(), &["--version"]);
+    let redis = redis
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .map_or(redis.clone(), |v| format!("redis-server {v}"));
+    format!(
+        "- machine: {cores} cores ({cpu}), kernel {kernel}\n- {rustc}, release profile\n- {redis}, {wrk}",
+        kernel = first_line("uname", &["-r"]),
+        rustc = env!("IDEM_BENCH_RUSTC"),
+        wrk = first_line("wrk", &["-v"])
+            .split(" [")
+            .next()
+            .unwrap_or("wrk")
+            .to_owned(),
+    )
+}
+
+fn script_file() -> Result<PathBuf, String> {
+    let path = std::env::temp_dir().join(format!("idem-bench-{}.lua", std::process::id()));
+    std::fs::write(&path, wrk::SCRIPT).map_err(|e| format!("writing the wrk script: {e}"))?;
+    Ok(path)
+}
+
+/// The store key of the idempotent endpoint's record for `key`.
+fn record_key(key: &str) -> Result<String, String> {
+    let key = IdempotencyKey::parse(key.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(RecordKey::new(&ScopeId::new(ACCOUNT), &key).redis_key(idem::store::DEFAULT_PREFIX))
+}
+
+struct Memory {
+    usage: u64,
+    value_len: u64,
+    floor_usage: u64,
+    used_memory_per_record: Option<f64>,
+}
+
+fn info_field(redis: &RedisServer, section: &str, field: &str) -> Option<u64> {
+    redis.cli(&["INFO", section]).lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `MEMORY USAGE` of one record of the payments response, through the idempotent endpoint and
+/// through the floor, and Redis's `used_memory` growth per record over many records.
+fn measure_memory(redis: &RedisServer, port: u16) -> Result<Memory, String> {
+    let cli_num = |args: &[&str]| -> Result<u64, String> {
+        let out = redis.cli(args);
+        out.parse()
+            .map_err(|_| format!("redis-cli {args:?} answered `{out}`"))
+    };
+    redis.cli(&["FLUSHALL"]);
+    let resp = probe::post(port, "/redis/payments", "memory-probe")?;
+    if resp.status != 201 {
+        return Err(format!("memory probe answered {}", resp.status));
+    }
+    let key = record_key("memory-probe")?;
+    let usage = cli_num(&["MEMORY", "USAGE", &key, "SAMPLES", "0"])?;
+    let value_len = cli_num(&["STRLEN", &key])?;
+    probe::post(port, "/floor/worker", "memory-probe")?;
+    let floor_key = format!("floor:{ACCOUNT}:memory-probe");
+    let floor_usage = cli_num(&["MEMORY", "USAGE", &floor_key, "SAMPLES", "0"])?;
+
+    // Many records: what a record costs Redis in all (value, key, expiry entry, dict slots).
+    const N: usize = 2000;
+    let before = info_field(redis, "memory", "used_memory");
+    let keys_before = cli_num(&["DBSIZE"])?;
+    for i in 0..N {
+        let resp = probe::post(port, "/redis/payments", &format!("mem-{i}"))?;
+        if resp.status != 201 {
+            return Err(format!("memory fill answered {}", resp.status));
+        }
+    }
+    let after = info_field(redis, "memory", "used_memory");
+    let added = cli_num(&["DBSIZE"])?.saturating_sub(keys_before);
+    let used_memory_per_record = match (before, after) {
+        (Some(b), Some(a)) if added > 0 => Some(a.saturating_sub(b) as f64 / added as f64),
+        _ => None,
+    };
+    Ok(Memory {
+        usage,
+        value_len,
+        floor_usage,
+        used_memory_per_record,
+    })
+}
+
+/// Watches Redis with `MONITOR` while one first request and then one replay go through the
+/// idempotent endpoint; answers what each sent, as "N (COMMAND, ...)". `MONITOR` tells the app's
+/// commands from those run inside a script (`[0 lua]`), which `INFO commandstats` does not.
+fn monitor_check(redis: &RedisServer, port: u16) -> Result<(String, String), String> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(idem_testkit::redis_cli_binary())
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &redis.port().to_string(),
+            "MONITOR",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("redis-cli MONITOR: {e}"))?;
+    let stdout = child.stdout.take().ok_or("redis-cli MONITOR: no stdout")?;
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    // MONITOR answers OK once it is attached; give it a moment, then mark the start.
+    std::thread::sleep(Duration::from_millis(300));
+    redis.cli(&["ECHO", "idem-bench-first"]);
+    let first = probe::post(port, "/redis/payments", "monitor-probe")?;
+    redis.cli(&["ECHO", "idem-bench-replay"]);
+    let replay = probe::post(port, "/redis/payments", "monitor-probe")?;
+    redis.cli(&["ECHO", "idem-bench-end"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = reader.join().map_err(|_| "MONITOR reader panicked")?;
+    if first.status != 201 || replay.header("idempotent-replayed") != Some("true") {
+        return Err("MONITOR probe: unexpected responses".into());
+    }
+    let between = |from: &str, to: &str| {
+        let sent: Vec<String> = lines
+            .iter()
+            .skip_while(|l| !l.contains(from))
+            .skip(1)
+            .take_while(|l| !l.contains(to))
+            // The app's commands name its client address; a script's calls show `[0 lua]`.
+            .filter(|l| l.contains("127.0.0.1:") && !l.contains("\"ECHO\""))
+            .filter_map(|l| l.split('"').nth(1).map(str::to_uppercase))
+            .collect();
+        format!("{} ({})", sent.len(), sent.join(", "))
+    };
+    Ok((
+        between("idem-bench-first", "idem-bench-replay"),
+        between("idem-bench-replay", "idem-bench-end"),
+    ))
+}
+
+fn seed(row: &RowDef, port: u16, key: &str) -> Result<(), String> {
+    let path = match row.seed {
+        Seed::None => return Ok(()),
+        Seed::Itself => row.path,
+        Seed::Floor => "/floor/worker",
+    };
+    let resp = probe::post(port, path, key)?;
+    if resp.status != 201 {
+        return Err(format!("seeding {path} answered {}", resp.status));
+    }
+    Ok(())
+}
+
+/// Checks every endpoint does what its row claims before measuring it.
+fn check_endpoints(port: u16) -> Result<(), String> {
+    for path in [
+        "/plain/payments",
+        "/floor/worker",
+        "/floor/shared",
+        "/floor/pool",
+    ] {
+        let r = probe::post(port, path, &format!("check{}", path.replace('/', "-")))?;
+        if r.status != 201 || !r.body.starts_with(b"{\"id\":\"pay_") {
+            return Err(format!("{path} answered {}", r.status));
+        }
+    }
+    for get in ["/get/worker", "/get/shared"] {
+        let r = probe::post(port, get, "check-floor-worker")?;
+        if r.status != 201 {
+            return Err(format!("{get} answered {}", r.status));
+        }
+    }
+    for path in ["/redis/payments", "/memory/payments"] {
+        let first = probe::post(port, path, "check-idem")?;
+        let again = probe::post(port, path, "check-idem")?;
+        let replayed = again.header("idempotent-replayed") == Some("true");
+        if first.status != 201
+            || first.header("location").is_none()
+            || again.status != 201
+            || again.body != first.body
+            || !replayed
+            || first.header("idempotent-replayed").is_some()
+        {
+            return Err(format!(
+                "{path}: first {} then {} (replayed: {replayed})",
+                first.status, again.status
+            ));
+        }
+        let missing = probe::post_without_key(port, path)?;
+        if missing != 400 {
+            return Err(format!("{path} without a key answered {missing}, not 400"));
+        }
+    }
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let opts = Options::parse()?;
+    let started = Instant::now();
+    let redis = RedisServer::start();
+    let server = app::start(&app::AppConfig {
+        redis_url: redis.url(),
+        workers: opts.workers,
+        lanes: opts.lanes,
+    })?;
+    let port = server.port;
+    let script = script_file()?;
+    check_endpoints(port)?;
+
+    let rows: Vec<&RowDef> = ROWS
+        .iter()
+        .filter(|r| opts.rows.iter().any(|id| id == r.id))
+        .collect();
+    let mut stats: BTreeMap<&str, RowStats> = BTreeMap::new();
+    let tick = clock_tick();
+    let redis_pid = redis.pid().unwrap_or(0);
+    for round in 0..opts.rounds {
+        for row in &rows {
+            let url = format!("http://127.0.0.1:{port}{}", row.path);
+            let key = format!("r{round}-{}-{}", row.id, std::process::id());
+            if row.redis {
+                redis.cli(&["FLUSHALL"]);
+            }
+            seed(row, port, &key)?;
+            if opts.warmup > 0 {
+                wrk::run(
+                    &script,
+                    &url,
+                    opts.load,
+                    opts.warmup,
+                    row.keys,
+                    &format!("w{key}"),
+                )?;
+            }
+            let before = commands(&redis);
+            let app_before = cpu_seconds(std::process::id(), tick);
+            let redis_before = cpu_seconds(redis_pid, tick);
+            let result = wrk::run(&script, &url, opts.load, opts.seconds, row.keys, &key)?;
+            let app_cpu = cpu_seconds(std::process::id(), tick) - app_before;
+            let redis_cpu = cpu_seconds(redis_pid, tick) - redis_before;
+            let after = commands(&redis);
+            if result.errors > 0 {
+                return Err(format!(
+                    "row {}: {} of {} responses were errors (status >= 400 or socket errors)",
+                    row.id, result.errors, result.requests
+                ));
+            }
+            eprintln!(
+                "round {}/{} {:<20} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                round + 1,
+                opts.rounds,
+                row.id,
+                result.rps(),
+                result.p50_us / 1000.0,
+                result.p99_us / 1000.0
+            );
+            let s = stats.entry(row.id).or_default();
+            s.runs.push(result);
+            s.requests += result.requests;
+            s.app_cpu += app_cpu;
+            s.redis_cpu += redis_cpu;
+            for (name, calls) in after {
+                let delta = calls.saturating_sub(before.get(&name).copied().unwrap_or(0));
+                // The `INFO` that took the first snapshot is not the load's.
+                let delta = if name == "info" {
+                    delta.saturating_sub(1)
+                } else {
+                    delta
+                };
+                if delta > 0 {
+                    *s.commands.entry(name).or_default() += delta;
+                }
+            }
+        }
+    }
+    let memory = measure_memory(&redis, port)?;
+    let _ = std::fs::remove_file(&script);
+
+    let monitor = monitor_check(&redis, port)?;
+    print!(
+        "{}",
+        report(
+            &opts,
+            &rows,
+            &stats,
+            &memory,
+            Some((monitor.0.as_str(), monitor.1.as_str())),
+            started.elapsed()
+        )
+    );
+
+    if opts.hold {
+        eprintln!(
+            "holding: app on 127.0.0.1:{port}, redis on {}; close stdin to stop",
+            redis.url()
+        );
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    }
+    server.stop();
+    drop(redis);
+    Ok(())
+}
+
+fn ratio(stats: &BTreeMap<&str, RowStats>, row: &RowDef) -> Option<f64> {
+    let base = stats.get(row.baseline?)?.rps();
+    let own = stats.get(row.id)?.rps();
+    (base > 0.0).then(|| own / base)
+}
+
+fn report(
+    opts: &Options,
+    rows: &[&RowDef],
+    stats: &BTreeMap<&str, RowStats>,
+    memory: &Memory,
+    monitor: Option<(&str, &str)>,
+    elapsed: Duration,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\n## idem-bench\n");
+    let _ = writeln!(out, "{}", machine());
+    let _ = writeln!(
+        out,
+        "- load: wrk -t{} -c{}, {} s per row after {} s warm-up, {} round(s) interleaved, medians shown; app: {} actix worker(s), RedisStore lanes {}; total {:.0} s\n",
+        opts.load.threads,
+        opts.load.connections,
+        opts.seconds,
+        opts.warmup,
+        opts.rounds,
+        opts.workers,
+        opts.lanes,
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "| # | row | req/s | (min–max) | p50 ms | p99 ms | ratio | vs | Redis commands sent / request | app CPU µs/req | Redis CPU µs/req |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|---|---|--:|--:|");
+    for row in rows {
+        let Some(s) = stats.get(row.id) else { continue };
+        let (lo, hi) = s.spread();
+        let ratio = ratio(stats, row).map_or("—".into(), |r| format!("{r:.2}×"));
+        let vs = row
+            .baseline
+            .and_then(|b| ROWS.iter().find(|r| r.id == b))
+            .map_or("baseline".into(), |b| format!("row {}", b.num));
+        let list = |v: &[(String, f64)]| {
+            v.iter()
+                .map(|(n, c)| format!("{} {c:.2}", n.to_uppercase()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (cmds, redis_cpu) = if row.redis {
+            let (sent, inner) = s.per_request(row.scripts);
+            let mut cmds = format!(
+                "**{:.2}**: {}",
+                s.sent_per_request(row.scripts),
+                list(&sent)
+            );
+            if !inner.is_empty() {
+                let _ = write!(cmds, " (inside the scripts: {})", list(&inner));
+            }
+            (cmds, format!("{:.1}", s.cpu_us(s.redis_cpu)))
+        } else {
+            ("—".into(), "—".into())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {} |",
+            row.num,
+            row.label,
+            s.rps(),
+            lo,
+            hi,
+            s.p50_ms(),
+            s.p99_ms(),
+            ratio,
+            vs,
+            cmds,
+            s.cpu_us(s.app_cpu),
+            redis_cpu,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRedis memory per record, the payments response (201, ~200-byte JSON body, `Location`, `Content-Type`):"
+    );
+    let _ = writeln!(
+        out,
+        "- `#[idempotent]` record: `MEMORY USAGE` {} bytes (value {} bytes: fingerprint, status, headers, body)",
+        memory.usage, memory.value_len
+    );
+    let _ = writeln!(
+        out,
+        "- the floor's bare body under a plain key: `MEMORY USAGE` {} bytes",
+        memory.floor_usage
+    );
+    if let Some(per) = memory.used_memory_per_record {
+        let _ = writeln!(
+            out,
+            "- Redis `used_memory` growth over 2000 records: {per:.0} bytes per record (key, value, expiry, table slots)"
+        );
+    }
+
+    let _ = writeln!(out, "\nTargets (issue 5):");
+    let get = |id: &str| stats.get(id);
+    let mut check = |name: String, ok: bool| {
+        let _ = writeln!(out, "- [{}] {name}", if ok { "x" } else { " " });
+    };
+    for (id, name, target) in [
+        ("idem-redis-first", "first request", 2.0),
+        ("idem-redis-replay", "replay", 1.0),
+    ] {
+        if let Some(s) = get(id) {
+            let per = s.sent_per_request(true);
+            check(
+                format!("{name}: {per:.2} Redis commands sent per request under load (target {target:.0}; no PING, UNWATCH or SCRIPT)"),
+                (per - target).abs() < 0.01,
+            );
+        }
+    }
+    if let Some((first, replay)) = monitor {
+        check(
+            format!(
+                "MONITOR, one request at a time: a first request sends {first}, a replay {replay}"
+            ),
+            first.starts_with("2 ") && replay.starts_with("1 "),
+        );
+    }
+    let pairs = [
+        (
+            "idem-redis-first",
+            "floor",
+            0.85,
+            "`#[idempotent]` first requests vs floor",
+        ),
+        (
+            "idem-redis-replay",
+            "get",
+            0.9,
+            "`#[idempotent]` replays vs one-`GET` handler",
+        ),
+        (
+            "idem-memory-first",
+            "plain",
+            0.8,
+            "MemoryStore first requests vs plain",
+        ),
+        (
+            "idem-memory-replay",
+            "plain",
+            0.8,
+            "MemoryStore replays vs plain",
+        ),
+    ];
+    for (id, base, target, name) in pairs {
+        if let (Some(a), Some(b)) = (get(id), get(base)) {
+            let r = a.rps() / b.rps();
+            check(format!("{name}: {r:.2}× (target ≥ {target}×)"), r >= target);
+        }
+    }
+    if let (Some(a), Some(b)) = (get("idem-redis-first"), get("floor")) {
+        let r = a.p99_ms() / b.p99_ms();
+        check(
+            format!(
+                "p99 of first requests: {:.2} ms vs floor {:.2} ms = {r:.2}× (target ≤ 1.5×)",
+                a.p99_ms(),
+                b.p99_ms()
+            ),
+            r <= 1.5,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRun: `scripts/bench.sh` (any option is passed on, see `scripts/bench.sh --help`)."
+    );
+    out
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("idem-bench: {e}");
+        std::process::exit(1);
+    }
+}
