@@ -128,6 +128,20 @@ async fn app_scoped(executions: web::Data<Executions>, order: web::Json<Order>) 
     run_order(&executions, &order).await
 }
 
+#[idempotent(require_key, scope = Tenant)]
+async fn streamed(executions: web::Data<Executions>, size: web::Path<usize>) -> HttpResponse {
+    executions.0.fetch_add(1, Ordering::SeqCst);
+    let size = size.into_inner();
+    let run = executions.get() as u8;
+    let chunks = (0..size.div_ceil(100)).map(move |i| {
+        let len = (size - i * 100).min(100);
+        Ok::<_, actix_web::Error>(Bytes::from(vec![b'a' + run % 26; len]))
+    });
+    HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .streaming(futures_util::stream::iter(chunks))
+}
+
 struct TestApp<S> {
     service: S,
     executions: web::Data<Executions>,
@@ -158,7 +172,8 @@ async fn app(
             .route("/open", web::post().to(open))
             .route("/stripe", web::post().to(stripe_style))
             .route("/custom", web::post().to(custom_header))
-            .route("/app-scoped", web::post().to(app_scoped)),
+            .route("/app-scoped", web::post().to(app_scoped))
+            .route("/stream/{size}", web::post().to(streamed)),
     )
     .await;
     TestApp {
@@ -558,7 +573,40 @@ async fn bodies_over_max_body_are_413_and_not_recorded(kind: Kind) {
     assert_eq!(app.executions.get(), 1);
 }
 
+async fn streamed_responses_are_stored_up_to_max_response(kind: Kind) {
+    let app = app(Backend::with(kind, |i| i.max_response(1000))).await;
+    let small = || order("/stream/950", "t1", Some("small"), OK);
+    let first = send(&app.service, small()).await;
+    let again = send(&app.service, small()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 950);
+    assert!(again.replayed());
+    assert_eq!(first.body, again.body);
+    assert_eq!(app.executions.get(), 1);
+}
+
+async fn responses_over_max_response_are_sent_whole_but_not_stored(kind: Kind) {
+    let app = app(Backend::with(kind, |i| i.max_response(1000))).await;
+    let big = || order("/stream/5000", "t1", Some("big"), OK);
+    let first = send(&app.service, big()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.body.len(),
+        5000,
+        "the client still gets the whole response"
+    );
+    assert!(first.body.iter().all(|b| *b == first.body[0]));
+    // Not replayable: the key was released, so a retry runs the handler again.
+    let again = send(&app.service, big()).await;
+    assert_eq!(again.body.len(), 5000);
+    assert!(!again.replayed());
+    assert_ne!(first.body, again.body);
+    assert_eq!(app.executions.get(), 2);
+}
+
 on_every_store!(
+    streamed_responses_are_stored_up_to_max_response,
+    responses_over_max_response_are_sent_whole_but_not_stored,
     replay_is_byte_identical,
     missing_key_is_400_when_required,
     without_require_key_a_keyless_request_just_runs,
