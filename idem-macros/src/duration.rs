@@ -1,7 +1,5 @@
 //! Durations written as strings: `"30s"`, `"24h"`, `"1h30m"`.
 
-use std::fmt;
-
 /// The units a duration accepts, largest first, with their length in milliseconds.
 const UNITS: [(&str, u64); 5] = [
     ("d", 86_400_000),
@@ -12,9 +10,8 @@ const UNITS: [(&str, u64); 5] = [
 ];
 
 /// The sentence every duration error ends with.
-pub(crate) const ACCEPTED: &str = "a duration is a positive integer followed by a unit, \
-     one of `ms`, `s`, `m`, `h`, `d` (for example \"500ms\", \"30s\", \"24h\"), \
-     or several of them, largest first (\"1h30m\")";
+pub(crate) const ACCEPTED: &str = "write a positive integer followed by a unit, `ms`, `s`, `m`, \
+     `h` or `d`, such as \"30s\" or \"24h\", or several of them, largest first, such as \"1h30m\"";
 
 /// Why a duration string was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,18 +28,19 @@ pub(crate) enum DurationError {
     Overflow,
 }
 
-impl fmt::Display for DurationError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Malformed => write!(f, "malformed duration: {ACCEPTED}"),
-            Self::UnknownUnit(unit) => write!(f, "unknown duration unit `{unit}`: {ACCEPTED}"),
-            Self::UnitOrder => write!(
-                f,
-                "duration units must each appear once, largest first: {ACCEPTED}"
-            ),
-            Self::Zero => write!(f, "the duration must be longer than zero: {ACCEPTED}"),
-            Self::Overflow => write!(f, "the duration is too long to represent"),
-        }
+impl DurationError {
+    /// The compile error for argument `name` written as `written`.
+    pub(crate) fn message(&self, name: &str, written: &str) -> String {
+        let problem = match self {
+            Self::Malformed => format!("\"{written}\" is not a duration"),
+            Self::UnknownUnit(unit) => format!("unknown unit `{unit}` in \"{written}\""),
+            Self::UnitOrder => {
+                format!("the units in \"{written}\" must each appear once, largest first")
+            }
+            Self::Zero => "the duration must be longer than zero".to_owned(),
+            Self::Overflow => format!("\"{written}\" is too long"),
+        };
+        format!("`{name}`: {problem}; {ACCEPTED}")
     }
 }
 

@@ -54,20 +54,16 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
     // The user's function, nested inside the wrapper under the same name: its patterns, return
     // type and body are untouched, and a recursive call in its body still means itself. The
     // wrapper's attributes (route, docs, lints) stay on the wrapper.
+    // `clippy::unused_async` would fire on it only because it is now called rather than passed
+    // to actix-web as a value; a handler is async whether or not it awaits.
     let mut inner = user_fn.clone();
-    inner.attrs.clear();
+    inner.attrs = vec![syn::parse_quote!(#[allow(clippy::unused_async)])];
     inner.vis = syn::Visibility::Inherited;
 
     let scope = match &args.scope {
         Some(ty) => ty.to_token_stream(),
         None => quote!(::idem::__private::AppScope),
     };
-    // A type that is not an `IdempotencyScope` is reported at the user's type.
-    let assert_scope = args.scope.as_ref().map(|ty| {
-        quote_spanned! {ty.span()=>
-            const _: () = ::idem::__private::assert_scope::<#ty>();
-        }
-    });
     let spec_fields = spec_fields(args);
     let handler_name = LitStr::new(&name.unraw().to_string(), name.span());
 
@@ -102,30 +98,43 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
         ::idem::__private::respond(#call(#(#values),*).await, &#req)
     };
 
+    // A `scope` type that is not an `IdempotencyScope` is reported once, at the user's type: every
+    // token that carries the bound (the alias, the call, the `.await`) has the same span, so rustc
+    // folds the identical errors into one. (A separate `assert_scope::<T>()` would add a second,
+    // differently-worded error for the same mistake.)
+    let scope_span = args
+        .scope
+        .as_ref()
+        .map_or_else(Span::call_site, |ty| ty.span());
+    let scope_alias = Ident::new("__IdemScope", scope_span);
+    let handle = quote_spanned! {scope_span=> {
+        type #scope_alias = #scope;
+        ::idem::__private::handle::<#scope_alias, _, _>(
+            #req,
+            #payload,
+            {
+                static #spec: ::idem::__private::HandlerSpec = ::idem::__private::HandlerSpec {
+                    #spec_fields
+                    ..::idem::__private::HandlerSpec::new(#handler_name)
+                };
+                &#spec
+            },
+            move |#req, #payload_pattern| async move {
+                #(#extract)*
+                #respond
+            },
+        )
+        .await
+    }};
+
     quote! {
         #(#attrs)*
         #vis #asyncness #fn_token #name(
             #req: ::idem::__private::actix_web::HttpRequest,
             #payload: ::idem::__private::actix_web::web::Payload,
         ) -> ::idem::__private::actix_web::HttpResponse {
-            #assert_scope
             #inner
-            ::idem::__private::handle::<#scope, _, _>(
-                #req,
-                #payload,
-                {
-                    static #spec: ::idem::__private::HandlerSpec = ::idem::__private::HandlerSpec {
-                        #spec_fields
-                        ..::idem::__private::HandlerSpec::new(#handler_name)
-                    };
-                    &#spec
-                },
-                move |#req, #payload_pattern| async move {
-                    #(#extract)*
-                    #respond
-                },
-            )
-            .await
+            #handle
         }
     }
 }

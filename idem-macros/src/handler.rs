@@ -223,5 +223,7 @@ mod tests {
             .is_err_and(|e| e.contains("more than once")));
         assert!(check("async fn f() -> R where R: Sized {}").is_err_and(|e| e.contains("`where`")));
         assert!(check("async fn f(x: Json<impl Sized>) -> R {}").is_err_and(|e| e.contains("impl")));
+        assert!(check("async unsafe extern \"C\" fn f(x: u8, ...) -> R {}")
+            .is_err_and(|e| e.contains("variadic")));
     }
 }

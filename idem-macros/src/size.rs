@@ -1,7 +1,5 @@
 //! Byte sizes written as strings: `"64KiB"`, `"1MB"`, `"512B"`.
 
-use std::fmt;
-
 /// The units a size accepts, with their length in bytes.
 const UNITS: [(&str, u64); 5] = [
     ("B", 1),
@@ -12,10 +10,10 @@ const UNITS: [(&str, u64); 5] = [
 ];
 
 /// The sentence every size error ends with.
-pub(crate) const ACCEPTED: &str = "write a positive number of bytes (`max_body = 65536`) \
-     or a string with one of the units `B`, `KB`, `KiB`, `MB`, `MiB` (`max_body = \"64KiB\"`)";
+pub(crate) const ACCEPTED: &str = "write a positive number of bytes, such as `max_body = 65536`, \
+     or a string with a unit, `B`, `KB`, `KiB`, `MB` or `MiB`, such as `max_body = \"64KiB\"`";
 
-/// Why a size string was refused.
+/// Why a size was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SizeError {
     /// Not of the form `<integer><unit>`.
@@ -28,14 +26,16 @@ pub(crate) enum SizeError {
     Overflow,
 }
 
-impl fmt::Display for SizeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Malformed => write!(f, "malformed size: {ACCEPTED}"),
-            Self::UnknownUnit(unit) => write!(f, "unknown size unit `{unit}`: {ACCEPTED}"),
-            Self::Zero => write!(f, "the body limit must be larger than zero: {ACCEPTED}"),
-            Self::Overflow => write!(f, "the size is too large to represent"),
-        }
+impl SizeError {
+    /// The compile error for `max_body` written as `written`.
+    pub(crate) fn message(&self, written: &str) -> String {
+        let problem = match self {
+            Self::Malformed => format!("\"{written}\" is not a size"),
+            Self::UnknownUnit(unit) => format!("unknown unit `{unit}` in \"{written}\""),
+            Self::Zero => "the limit must be larger than zero".to_owned(),
+            Self::Overflow => format!("{written} is too large"),
+        };
+        format!("`max_body`: {problem}; {ACCEPTED}")
     }
 }
 
