@@ -20,6 +20,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo build --examples"
+# The crash test (tests/reliability_crash.rs) runs the `orders` example as a child process and
+# SIGKILLs it. `cargo test --all-targets` builds examples only as test harnesses, never the runnable
+# binary, and a test must not run cargo itself: build them here.
+cargo build --workspace --examples --locked
+
 echo "== cargo test"
 cargo test --workspace --all-targets --locked
 

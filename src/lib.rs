@@ -1,2 +1,128 @@
-//! idem
+//! Make actix-web endpoints safe to retry.
+//!
+//! A client that sends `POST /payments` and loses the connection cannot tell whether the payment
+//! was made. With idem it retries with the same `Idempotency-Key` header: the first request runs
+//! the handler once, and every retry with the same key (from the same caller, with the same
+//! request) gets the first response back, byte for byte, with `Idempotent-Replayed: true`, without
+//! running the handler again: even when the retries arrive at the same moment, on different app
+//! instances, or after the first client vanished mid-request.
+//!
+//! - [`#[idempotent]`](macro@idempotent) on a handler turns it on, with per-handler settings;
+//! - [`Idempotency`], registered with `App::app_data`, holds the store and the app's defaults;
+//! - [`MemoryStore`] keeps records in the process (one instance, tests, the example);
+//!   [`RedisStore`] shares them between instances;
+//! - [`IdempotencyScope`] names the caller: records are addressed by (scope, key), so one caller can
+//!   neither read nor block another's.
+//!
+//! # Usage
+//!
+//! ```
+//! use std::borrow::Cow;
+//!
+//! use actix_web::{
+//!     dev::Payload, error::ErrorUnauthorized, http::StatusCode, post, test, web, App, FromRequest,
+//!     HttpRequest, HttpResponse, Responder,
+//! };
+//! use idem::{idempotent, Idempotency, IdempotencyScope, MemoryStore};
+//!
+//! /// The authenticated caller (here, trusted from a header to keep the example short).
+//! struct AuthUser(String);
+//!
+//! impl FromRequest for AuthUser {
+//!     type Error = actix_web::Error;
+//!     type Future = std::future::Ready<Result<Self, Self::Error>>;
+//!
+//!     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+//!         let user = req.headers().get("x-user").and_then(|v| v.to_str().ok());
+//!         std::future::ready(match user {
+//!             Some(user) => Ok(AuthUser(user.to_owned())),
+//!             None => Err(ErrorUnauthorized("who are you?")),
+//!         })
+//!     }
+//! }
+//!
+//! /// Records are kept per user: one user's keys never collide with another's.
+//! impl IdempotencyScope for AuthUser {
+//!     fn scope_id(&self) -> Cow<'_, str> {
+//!         Cow::Borrowed(&self.0)
+//!     }
+//! }
+//!
+//! #[derive(serde::Deserialize)]
+//! struct NewPayment {
+//!     amount: u64,
+//! }
+//!
+//! #[post("/payments")]
+//! #[idempotent(scope = AuthUser, ttl = "24h", require_key)]
+//! async fn create_payment(user: AuthUser, body: web::Json<NewPayment>) -> impl Responder {
+//!     // Charge the card: this runs once per key, however often the client retries.
+//!     HttpResponse::Created().body(format!("{} paid {}", user.0, body.amount))
+//! }
+//!
+//! # actix_web::rt::System::new().block_on(async {
+//! let app = test::init_service(
+//!     App::new()
+//!         .app_data(Idempotency::new(MemoryStore::new()))
+//!         .service(create_payment),
+//! )
+//! .await;
+//! let payment = || {
+//!     test::TestRequest::post()
+//!         .uri("/payments")
+//!         .insert_header(("x-user", "alice"))
+//!         .insert_header(("Idempotency-Key", "4f1c2a"))
+//!         .set_json(serde_json::json!({ "amount": 100 }))
+//!         .to_request()
+//! };
+//!
+//! let first = test::call_service(&app, payment()).await;
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//! assert!(first.headers().get("idempotent-replayed").is_none());
+//!
+//! let retry = test::call_service(&app, payment()).await;
+//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! assert_eq!(retry.headers().get("idempotent-replayed").unwrap(), "true");
+//! assert_eq!(test::read_body(retry).await, "alice paid 100");
+//! # });
+//! ```
+//!
+//! A handler that names no `scope` uses the app's scope resolver, so the caller is resolved in one
+//! place for every handler:
+//!
+//! ```
+//! use actix_web::{error::ErrorUnauthorized, web, App, HttpResponse};
+//! use idem::{idempotent, Idempotency, MemoryStore, ScopeId};
+//!
+//! #[idempotent(lease = "10s", wait = "5s")]
+//! async fn refund(id: web::Path<u64>) -> HttpResponse {
+//!     HttpResponse::Ok().body(format!("refunded {id}"))
+//! }
+//!
+//! let idem = Idempotency::new(MemoryStore::new()).scope_resolver(|req| {
+//!     let tenant = req.headers().get("x-tenant").and_then(|v| v.to_str().ok());
+//!     tenant
+//!         .map(ScopeId::new)
+//!         .ok_or_else(|| ErrorUnauthorized("no tenant"))
+//! });
+//! let app = App::new()
+//!     .app_data(idem)
+//!     .route("/refunds/{id}", web::post().to(refund));
+//! ```
+//!
+//! See [`#[idempotent]`](macro@idempotent) for every argument.
+//!
+//! # Supported Rust Versions
+//!
+//! The minimum supported Rust version is 1.85.
+
+#![forbid(unsafe_code)]
+
+#[doc(inline)]
+pub use idem_macros::idempotent;
 pub use idem_runtime::*;
+
+/// Not public API: what `#[idempotent]` expands to names these. Anything here may change in any
+/// release.
+#[doc(hidden)]
+pub use idem_runtime::__private;

@@ -1,0 +1,9 @@
+use actix_web::HttpResponse;
+use idem::idempotent;
+
+#[idempotent(store_server_errors, store_server_errors)]
+async fn handler() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+fn main() {}

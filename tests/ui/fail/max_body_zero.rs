@@ -1,0 +1,9 @@
+use actix_web::HttpResponse;
+use idem::idempotent;
+
+#[idempotent(max_body = 0)]
+async fn handler() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+fn main() {}
