@@ -22,7 +22,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_redis::{
-    redis::{self, aio::MultiplexedConnection, Script, Value},
+    redis::{self, aio::MultiplexedConnection, ErrorKind, Script, ServerErrorKind, Value},
     Pool, Runtime,
 };
 
@@ -30,6 +30,7 @@ use super::{millis, Ownership, Store, StoreError, Ticket};
 use crate::{
     protocol::{classify, Claim},
     record::{encode_completed, Record, StoredResponse},
+    scope::RecordKey,
 };
 
 /// The default key prefix.
@@ -290,26 +291,64 @@ impl RedisStore {
         }
     }
 
-    async fn eval(&self, script: &Script, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
+    /// The store key of a record, as bytes: the same as [`RecordKey::redis_key`], built in one
+    /// allocation.
+    fn key_bytes(&self, key: &RecordKey) -> Vec<u8> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let prefix = self.inner.prefix.as_bytes();
+        let mut out = Vec::with_capacity(prefix.len() + 34);
+        out.extend_from_slice(prefix);
+        out.push(b'{');
+        for b in &key.as_bytes()[..16] {
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        }
+        out.push(b'}');
+        out
+    }
+
+    /// Runs `script` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD`
+    /// and a retry after `NOSCRIPT`, when the server lost its scripts).
+    ///
+    /// The command is packed straight from the borrowed arguments: a request copies its record
+    /// into the command buffer once.
+    async fn eval(
+        &self,
+        script: &Script,
+        ticket: &Ticket,
+        args: &[Arg<'_>],
+    ) -> Result<Value, StoreError> {
         let timeout = self.inner.timeout;
+        let key = self.key_bytes(ticket.key());
+        // "EVALSHA", the hash, "1", the key, then the arguments (a duration is at most 20 digits).
+        let data = 7 + 40 + 1 + key.len() + args.iter().map(Arg::len).sum::<usize>();
+        let mut cmd = redis::Cmd::with_capacity(4 + args.len(), data);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(key);
+        for arg in args {
+            match *arg {
+                Arg::Bytes(bytes) => cmd.arg(bytes),
+                Arg::Millis(ms) => cmd.arg(ms),
+            };
+        }
         let mut lane = None;
         let call = async {
             let (i, generation, mut conn) = self.lane().await?;
             lane = Some((i, generation));
-            let mut invocation = script.key(key);
-            for arg in args {
-                invocation.arg(*arg);
-            }
-            invocation
-                .invoke_async::<Value>(&mut conn)
-                .await
-                .map_err(|e| (is_connection_error(&e), e))
-                .map_err(|(broken, e)| {
-                    if broken {
-                        self.drop_lane(i, generation);
+            let answer = match cmd.query_async::<Value>(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    match script.load_async(&mut conn).await {
+                        Ok(_) => cmd.query_async::<Value>(&mut conn).await,
+                        Err(e) => Err(e),
                     }
-                    StoreError::Unavailable(Box::new(e))
-                })
+                }
+                answer => answer,
+            };
+            answer.map_err(|e| {
+                if is_connection_error(&e) {
+                    self.drop_lane(i, generation);
+                }
+                StoreError::Unavailable(Box::new(e))
+            })
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
@@ -323,6 +362,23 @@ impl RedisStore {
     }
 }
 
+/// One script argument after the key.
+enum Arg<'a> {
+    Bytes(&'a [u8]),
+    /// A duration in milliseconds, sent as its decimal digits.
+    Millis(u64),
+}
+
+impl Arg<'_> {
+    /// The most bytes the argument takes in the command.
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes(bytes) => bytes.len(),
+            Self::Millis(_) => 20,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -330,24 +386,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        let lease = millis(lease).to_string();
         let value = self
             .eval(
                 &self.inner.scripts.claim,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), lease.as_bytes()],
+                ticket,
+                &[
+                    Arg::Bytes(ticket.pending_record()),
+                    Arg::Millis(millis(lease)),
+                ],
             )
             .await?;
         parse_claim(value, ticket)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
-        let lease = millis(lease).to_string();
         let value = self
             .eval(
                 &self.inner.scripts.renew,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), lease.as_bytes()],
+                ticket,
+                &[
+                    Arg::Bytes(ticket.pending_record()),
+                    Arg::Millis(millis(lease)),
+                ],
             )
             .await?;
         parse_ownership(&value)
@@ -360,12 +420,15 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
         let record = encode_completed(ticket.fingerprint(), response)?;
-        let ttl = millis(ttl).to_string();
         let value = self
             .eval(
                 &self.inner.scripts.complete,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), &record, ttl.as_bytes()],
+                ticket,
+                &[
+                    Arg::Bytes(ticket.pending_record()),
+                    Arg::Bytes(&record),
+                    Arg::Millis(millis(ttl)),
+                ],
             )
             .await?;
         parse_ownership(&value)
@@ -375,10 +438,34 @@ impl Store for RedisStore {
         let value = self
             .eval(
                 &self.inner.scripts.release,
-                &self.redis_key(ticket),
-                &[ticket.pending_record()],
+                ticket,
+                &[Arg::Bytes(ticket.pending_record())],
             )
             .await?;
         parse_ownership(&value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{key::IdempotencyKey, scope::ScopeId};
+
+    #[test]
+    fn key_bytes_are_the_record_keys_redis_key() {
+        let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1")
+            .create_pool(Some(Runtime::Tokio1))
+            .expect("a pool needs no connection");
+        for prefix in ["idem:", "", "a much longer prefix:with:parts:"] {
+            let store = RedisStore::builder(pool.clone()).prefix(prefix).build();
+            for key in ["k", "8e03978e-40d5-43e8-bc93-6894a57f9324", "{evil}"] {
+                let key = IdempotencyKey::parse(key.as_bytes()).expect("valid key");
+                let record = RecordKey::new(&ScopeId::new("alice"), &key);
+                assert_eq!(
+                    store.key_bytes(&record),
+                    record.redis_key(prefix).into_bytes()
+                );
+            }
+        }
     }
 }
