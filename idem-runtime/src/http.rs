@@ -7,6 +7,7 @@ use std::{
     panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
+    task::Poll,
     time::Duration,
 };
 
@@ -283,17 +284,77 @@ where
         }
     }
 
-    // 5. Run, in a task of its own: it finishes even if the client goes away, so a retry finds the
-    // result.
+    // 5. Run. The handler runs in this request's task; if the request is dropped before it
+    // finishes (the client went away), what is left of it moves to a task of its own and still
+    // finishes, so a retry finds the result (see `RunToEnd`).
     outcome("executed");
-    let task = actix_web::rt::spawn(
-        execute(settings, spec, ticket, lease, req.clone(), body, run).instrument(Span::current()),
-    );
-    match task.await {
+    let run = AssertUnwindSafe(execute(
+        settings,
+        spec,
+        ticket,
+        lease,
+        req.clone(),
+        body,
+        run,
+    ))
+    .catch_unwind();
+    match RunToEnd::new(run).await {
         Ok(resp) => resp,
-        Err(err) => {
-            tracing::error!(error = %err, "the idempotent handler's task failed");
+        Err(_) => {
+            tracing::error!("the idempotent lifecycle panicked after the handler ran");
             HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+/// Polls a future in place, in the task that awaits it, and when it is dropped unfinished, spawns
+/// what is left of the future on the current thread so that it runs to its end.
+///
+/// This keeps the guarantee of spawning the handler (it finishes even if the client disconnects)
+/// without paying for a task per request: a task allocation, a scheduler round and a second poll
+/// of the whole HTTP dispatcher when its `JoinHandle` wakes it. The future is boxed once so that
+/// it can move to a task after it has been polled.
+struct RunToEnd<F: Future + 'static> {
+    fut: Option<Pin<Box<F>>>,
+    span: Span,
+}
+
+impl<F: Future + 'static> RunToEnd<F> {
+    fn new(fut: F) -> Self {
+        Self {
+            fut: Some(Box::pin(fut)),
+            span: Span::current(),
+        }
+    }
+}
+
+impl<F: Future + 'static> Future for RunToEnd<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let Some(fut) = self.fut.as_mut() else {
+            // Only reachable by polling after completion, which `.await` never does.
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + 'static> Drop for RunToEnd<F> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            if std::thread::panicking() {
+                return;
+            }
+            let span = std::mem::replace(&mut self.span, Span::none());
+            drop(actix_web::rt::spawn(
+                async move {
+                    let _ = fut.await;
+                }
+                .instrument(span),
+            ));
         }
     }
 }
