@@ -246,6 +246,121 @@ async fn one_get(req: HttpRequest, account: Account) -> HttpResponse {
     }
 }
 
+/// The library's claim script, copied (`idem-runtime/src/store/redis.rs`); the bench checks that
+/// Redis knows it by the same hash after the library has loaded its own.
+pub(crate) const CLAIM_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  return {v, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// The library's complete script, copied likewise.
+pub(crate) const COMPLETE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// A pending record's size: what the library's claim writes and complete compares against.
+const PENDING: &[u8; 52] = b"id\x01P________________________________________________";
+
+/// A script and its source, for `SCRIPT LOAD`.
+type Lua = (redis::Script, &'static str);
+
+fn scripts() -> &'static (Lua, Lua) {
+    static SCRIPTS: std::sync::OnceLock<(Lua, Lua)> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        (
+            (redis::Script::new(CLAIM_SCRIPT), CLAIM_SCRIPT),
+            (redis::Script::new(COMPLETE_SCRIPT), COMPLETE_SCRIPT),
+        )
+    })
+}
+
+/// One `EVALSHA` (after a `SCRIPT LOAD` when Redis does not know the script yet).
+async fn evalsha(
+    conn: &mut Held,
+    (script, code): &Lua,
+    key: &str,
+    args: &[&[u8]],
+) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(1).arg(key);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    match conn.query::<redis::Value>(&cmd).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(*code).to_owned();
+            conn.query::<String>(&load).await?;
+            conn.query(&cmd).await
+        }
+        other => other,
+    }
+}
+
+/// Row 2d: the floor's work through the library's own two Lua scripts, by hand: what the
+/// scripts cost Redis, apart from what the library does around them.
+async fn floor_lua(
+    req: HttpRequest,
+    account: Account,
+    body: web::Json<NewPayment>,
+) -> HttpResponse {
+    let Some(key) = floor_key(&req, &account) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let mut conn = match connect(&req).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let (claim, complete) = scripts();
+    let lease = FLOOR_LEASE_MS.to_string();
+    match evalsha(&mut conn, claim, &key, &[PENDING, lease.as_bytes()]).await {
+        Ok(redis::Value::Int(1)) => {}
+        Ok(_) => return HttpResponse::Conflict().finish(),
+        Err(e) => return HttpResponse::ServiceUnavailable().body(e.to_string()),
+    }
+    let (location, json) = payment(&account, &body);
+    let ttl = TTL_MS.to_string();
+    match evalsha(&mut conn, complete, &key, &[PENDING, &json, ttl.as_bytes()]).await {
+        Ok(redis::Value::Int(1)) => created(location, json),
+        Ok(_) => HttpResponse::Conflict().finish(),
+        Err(e) => HttpResponse::ServiceUnavailable().body(e.to_string()),
+    }
+}
+
+/// Row 4b: one `EVALSHA` of the library's claim script on a stored record, by hand.
+async fn get_lua(req: HttpRequest, account: Account) -> HttpResponse {
+    let Some(key) = floor_key(&req, &account) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let mut conn = match connect(&req).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let lease = FLOOR_LEASE_MS.to_string();
+    match evalsha(&mut conn, &scripts().0, &key, &[PENDING, lease.as_bytes()]).await {
+        Ok(redis::Value::Array(mut items)) if items.len() == 2 => match items.swap_remove(0) {
+            redis::Value::BulkString(body) => {
+                let mut resp = HttpResponse::Created()
+                    .content_type("application/json")
+                    .body(body);
+                resp.headers_mut()
+                    .insert(header::LOCATION, HeaderValue::from_static("/payments/x"));
+                resp
+            }
+            _ => HttpResponse::InternalServerError().finish(),
+        },
+        Ok(_) => HttpResponse::NotFound().finish(),
+        Err(e) => HttpResponse::ServiceUnavailable().body(e.to_string()),
+    }
+}
+
 /// A running app server.
 pub(crate) struct Server {
     pub(crate) port: u16,
@@ -304,47 +419,52 @@ pub(crate) fn start(cfg: &AppConfig) -> Result<Server, String> {
                                 .map(WorkerConn)
                         }
                     })
-                    .route("/plain/payments", web::post().to(plain))
+                    // Flat resources, one per row, so that every row pays the same routing.
+                    .service(web::resource("/plain/payments").route(web::post().to(plain)))
                     .service(
-                        web::scope("/floor")
-                            .service(
-                                web::resource("/pool")
-                                    .app_data(Setup::Pool(checkout_pool.clone()))
-                                    .route(web::post().to(floor)),
-                            )
-                            .service(
-                                web::resource("/shared")
-                                    .app_data(shared.clone())
-                                    .route(web::post().to(floor)),
-                            )
-                            .service(
-                                web::resource("/worker")
-                                    .app_data(Setup::Worker)
-                                    .route(web::post().to(floor)),
-                            ),
+                        web::resource("/floor/pool")
+                            .app_data(Setup::Pool(checkout_pool.clone()))
+                            .route(web::post().to(floor)),
                     )
                     .service(
-                        web::scope("/get")
-                            .service(
-                                web::resource("/shared")
-                                    .app_data(shared.clone())
-                                    .route(web::post().to(one_get)),
-                            )
-                            .service(
-                                web::resource("/worker")
-                                    .app_data(Setup::Worker)
-                                    .route(web::post().to(one_get)),
-                            ),
+                        web::resource("/floor/shared")
+                            .app_data(shared.clone())
+                            .route(web::post().to(floor)),
                     )
                     .service(
-                        web::scope("/redis")
+                        web::resource("/floor/worker")
+                            .app_data(Setup::Worker)
+                            .route(web::post().to(floor)),
+                    )
+                    .service(
+                        web::resource("/floor/lua")
+                            .app_data(Setup::Worker)
+                            .route(web::post().to(floor_lua)),
+                    )
+                    .service(
+                        web::resource("/get/lua")
+                            .app_data(Setup::Worker)
+                            .route(web::post().to(get_lua)),
+                    )
+                    .service(
+                        web::resource("/get/shared")
+                            .app_data(shared.clone())
+                            .route(web::post().to(one_get)),
+                    )
+                    .service(
+                        web::resource("/get/worker")
+                            .app_data(Setup::Worker)
+                            .route(web::post().to(one_get)),
+                    )
+                    .service(
+                        web::resource("/redis/payments")
                             .app_data(redis_idem.clone())
-                            .route("/payments", web::post().to(create_payment)),
+                            .route(web::post().to(create_payment)),
                     )
                     .service(
-                        web::scope("/memory")
+                        web::resource("/memory/payments")
                             .app_data(memory_idem.clone())
-                            .route("/payments", web::post().to(create_payment)),
+                            .route(web::post().to(create_payment)),
                     )
             })
             .workers(workers)

@@ -39,7 +39,7 @@ struct Options {
 impl Options {
     fn parse() -> Result<Self, String> {
         let mut o = Self {
-            seconds: 5,
+            seconds: 4,
             warmup: 1,
             rounds: 3,
             load: Load {
@@ -108,7 +108,7 @@ impl Options {
 const HELP: &str = "idem-bench: load benchmark of idem (see idem-bench/RESULTS.md)
 
 options:
-  --seconds N      measured seconds per row and round (default 5)
+  --seconds N      measured seconds per row and round (default 4)
   --warmup N       unmeasured seconds before each row (default 1)
   --rounds N       rounds over all rows, interleaved; the table shows medians (default 3)
   --threads N      wrk threads (default 1)
@@ -123,8 +123,8 @@ enum Seed {
     None,
     /// One request through the endpoint itself (the first request; the rest replay it).
     Itself,
-    /// One request through the floor endpoint with the same key (stores what `GET` returns).
-    Floor,
+    /// One request through another endpoint with the same key (stores what this row reads).
+    Via(&'static str),
 }
 
 struct RowDef {
@@ -186,6 +186,17 @@ const ROWS: &[RowDef] = &[
         seed: Seed::None,
     },
     RowDef {
+        id: "floor-lua",
+        num: "2d",
+        label: "hand-written, the library's two Lua scripts (`EVALSHA` claim + `EVALSHA` complete), one connection per worker",
+        path: "/floor/lua",
+        keys: Keys::Unique,
+        baseline: Some("floor"),
+        redis: true,
+        scripts: true,
+        seed: Seed::None,
+    },
+    RowDef {
         id: "idem-redis-first",
         num: "3",
         label: "`#[idempotent]`, RedisStore, unique keys (every request a first request)",
@@ -205,7 +216,7 @@ const ROWS: &[RowDef] = &[
         baseline: None,
         redis: true,
         scripts: false,
-        seed: Seed::Floor,
+        seed: Seed::Via("/floor/worker"),
     },
     RowDef {
         id: "get-shared",
@@ -216,7 +227,18 @@ const ROWS: &[RowDef] = &[
         baseline: Some("get"),
         redis: true,
         scripts: false,
-        seed: Seed::Floor,
+        seed: Seed::Via("/floor/worker"),
+    },
+    RowDef {
+        id: "get-lua",
+        num: "4b",
+        label: "hand-written one `EVALSHA` of the library's claim script (a replay's read), one connection per worker",
+        path: "/get/lua",
+        keys: Keys::Fixed,
+        baseline: Some("get"),
+        redis: true,
+        scripts: true,
+        seed: Seed::Via("/floor/lua"),
     },
     RowDef {
         id: "idem-redis-replay",
@@ -257,8 +279,10 @@ const DEFAULT_ROWS: &[&str] = &[
     "plain",
     "floor",
     "floor-pool",
+    "floor-lua",
     "idem-redis-first",
     "get",
+    "get-lua",
     "idem-redis-replay",
     "idem-memory-first",
     "idem-memory-replay",
@@ -545,11 +569,25 @@ fn monitor_check(redis: &RedisServer, port: u16) -> Result<(String, String), Str
     ))
 }
 
+/// Whether the bench's copies of the claim and complete scripts (rows 2d and 4b) are the
+/// library's: Redis knows both by their hashes once the library alone has loaded its scripts.
+fn scripts_match(redis: &RedisServer, port: u16) -> Result<bool, String> {
+    redis.cli(&["SCRIPT", "FLUSH"]);
+    let r = probe::post(port, "/redis/payments", "scripts-probe")?;
+    if r.status != 201 {
+        return Err(format!("scripts probe answered {}", r.status));
+    }
+    let claim = idem::redis::Script::new(app::CLAIM_SCRIPT);
+    let complete = idem::redis::Script::new(app::COMPLETE_SCRIPT);
+    let out = redis.cli(&["SCRIPT", "EXISTS", claim.get_hash(), complete.get_hash()]);
+    Ok(out.split_whitespace().filter(|w| *w == "1").count() == 2)
+}
+
 fn seed(row: &RowDef, port: u16, key: &str) -> Result<(), String> {
     let path = match row.seed {
         Seed::None => return Ok(()),
         Seed::Itself => row.path,
-        Seed::Floor => "/floor/worker",
+        Seed::Via(path) => path,
     };
     let resp = probe::post(port, path, key)?;
     if resp.status != 201 {
@@ -565,14 +603,19 @@ fn check_endpoints(port: u16) -> Result<(), String> {
         "/floor/worker",
         "/floor/shared",
         "/floor/pool",
+        "/floor/lua",
     ] {
         let r = probe::post(port, path, &format!("check{}", path.replace('/', "-")))?;
         if r.status != 201 || !r.body.starts_with(b"{\"id\":\"pay_") {
             return Err(format!("{path} answered {}", r.status));
         }
     }
-    for get in ["/get/worker", "/get/shared"] {
-        let r = probe::post(port, get, "check-floor-worker")?;
+    for (get, key) in [
+        ("/get/worker", "check-floor-worker"),
+        ("/get/shared", "check-floor-worker"),
+        ("/get/lua", "check-floor-lua"),
+    ] {
+        let r = probe::post(port, get, key)?;
         if r.status != 201 {
             return Err(format!("{get} answered {}", r.status));
         }
@@ -684,6 +727,7 @@ fn run() -> Result<(), String> {
     let _ = std::fs::remove_file(&script);
 
     let monitor = monitor_check(&redis, port)?;
+    let same_scripts = scripts_match(&redis, port)?;
     print!(
         "{}",
         report(
@@ -692,6 +736,7 @@ fn run() -> Result<(), String> {
             &stats,
             &memory,
             Some((monitor.0.as_str(), monitor.1.as_str())),
+            same_scripts,
             started.elapsed()
         )
     );
@@ -721,6 +766,7 @@ fn report(
     stats: &BTreeMap<&str, RowStats>,
     memory: &Memory,
     monitor: Option<(&str, &str)>,
+    same_scripts: bool,
     elapsed: Duration,
 ) -> String {
     let mut out = String::new();
@@ -786,6 +832,16 @@ fn report(
             cmds,
             s.cpu_us(s.app_cpu),
             redis_cpu,
+        );
+    }
+    if rows
+        .iter()
+        .any(|r| r.id == "floor-lua" || r.id == "get-lua")
+    {
+        let _ = writeln!(
+            out,
+            "\nRows 2d and 4b run {} scripts as the library (checked with `SCRIPT EXISTS` after the library loaded its own).",
+            if same_scripts { "the same" } else { "**different** (the bench's copies are stale)" }
         );
     }
     let _ = writeln!(
