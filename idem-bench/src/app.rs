@@ -251,7 +251,10 @@ async fn one_get(req: HttpRequest, account: Account) -> HttpResponse {
 pub(crate) const CLAIM_SCRIPT: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
-  return {v, redis.call('PTTL', KEYS[1])}
+  if string.byte(v, 4) == 80 then
+    return {v, redis.call('PTTL', KEYS[1])}
+  end
+  return {v, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
