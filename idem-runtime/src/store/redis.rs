@@ -296,6 +296,9 @@ impl RedisStore {
         let call = async {
             let (i, generation, mut conn) = self.lane().await?;
             lane = Some((i, generation));
+            // The connection's own response timeout (redis-rs defaults to 500 ms) would otherwise
+            // cut a call short of the configured timeout.
+            conn.set_response_timeout(timeout);
             let mut invocation = script.key(key);
             for arg in args {
                 invocation.arg(*arg);
