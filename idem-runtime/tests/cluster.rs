@@ -1096,3 +1096,85 @@ async fn lanes_as_many_as_the_pool_holds_do_not_starve_first_calls() {
     }
     assert_eq!(store.pool().status().size, 4);
 }
+
+/// With `WAIT`, a claim that no replica confirms is a store error (`NotReplicated`) after the
+/// whole `WAIT` timeout (longer than redis-rs's 500 ms default response timeout: nothing cuts it
+/// short), and the key is released, so once the replica is back the retry runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_claim_is_an_error_and_frees_its_key() {
+    let cluster = Arc::new(start(3, 1).await);
+    let wait = Duration::from_millis(900);
+    let store = RedisClusterStore::builder(pool(&cluster.urls()))
+        .wait_for_replicas(1, wait)
+        .build();
+    let t = key_ticket("unconfirmed", 0);
+    let slot = key_slot(store.redis_key(&t).as_bytes());
+    // Both lanes connected before a node hangs (connecting to a frozen node takes redis-rs's
+    // 1 s connection timeout).
+    for i in 1..=4 {
+        let warm = key_ticket("unconfirmed", i);
+        assert_eq!(
+            store.claim(&warm, LONG_LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+    }
+
+    let (master, replica) = admin({
+        let c = Arc::clone(&cluster);
+        move || {
+            let master = c.master_of(slot);
+            let replica = c.replicas_of(master)[0];
+            // The master also forgets the scripts, as a newly promoted one would not know them:
+            // the WAIT that comes back with NOSCRIPT already counted too few replicas, and the
+            // store does not wait a second time.
+            c.cli(master, &["SCRIPT", "FLUSH"]);
+            c.cli(master, &["CONFIG", "RESETSTAT"]);
+            c.lag_replica(replica);
+            (master, replica)
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let err = store
+        .claim(&t, LONG_LEASE)
+        .await
+        .expect_err("no replica confirms");
+    let took = started.elapsed();
+    let StoreError::Unavailable(source) = &err else {
+        panic!("{err:?}");
+    };
+    let not_replicated = source
+        .downcast_ref::<idem_runtime::store::NotReplicated>()
+        .unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!((not_replicated.wanted(), not_replicated.acked()), (1, 0));
+    assert!(took >= wait && took < wait * 2, "took {took:?}");
+    let waits = admin({
+        let c = Arc::clone(&cluster);
+        move || stats(&c, master).get("wait").copied()
+    })
+    .await;
+    assert_eq!(waits, Some(1));
+
+    admin({
+        let c = Arc::clone(&cluster);
+        move || {
+            c.resume(replica);
+            c.wait_until_ok();
+        }
+    })
+    .await;
+    // Released in the background: the retry gets the key (not 409 for the 60 s lease).
+    let retry = retry_of(&t);
+    let mut claim = store.claim(&retry, LONG_LEASE).await;
+    for _ in 0..20 {
+        if matches!(claim, Ok(Claim::Acquired)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        claim = store.claim(&retry_of(&t), LONG_LEASE).await;
+    }
+    assert_eq!(
+        claim.expect("claim after the replica is back"),
+        Claim::Acquired
+    );
+}

@@ -261,12 +261,22 @@ impl RedisClusterStore {
             .lanes
             .run(timeout, |mut conn| async move {
                 let values = send(&mut conn, &evalsha(lua, key, args), wait, &route).await?;
-                if values.first().is_some_and(is_noscript) {
-                    // Not loaded on this master yet (a new or promoted node, a flush): send the
-                    // source, routed by the same key. It also caches the script there.
-                    send(&mut conn, &eval(lua, key, args), wait, &route).await
-                } else {
-                    Ok(values)
+                if !values.first().is_some_and(is_noscript) {
+                    return Ok(values);
+                }
+                // Not loaded on this master yet (a new or promoted node, a flush): send the
+                // source, routed by the same key. It also caches the script there.
+                let eval = eval(lua, key, args);
+                match (wait, values.get(1)) {
+                    // The WAIT sent along found too few replicas, after its whole timeout (a
+                    // promoted master has none yet): the write cannot be confirmed now, so do
+                    // not wait a second time; report that count.
+                    (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
+                        let mut values = send(&mut conn, &eval, None, &route).await?;
+                        values.push(Value::Int(acked));
+                        Ok(values)
+                    }
+                    _ => send(&mut conn, &eval, wait, &route).await,
                 }
             })
             .await?
