@@ -329,7 +329,7 @@ mod stale_owner {
         let lease = Duration::from_millis(300);
         let mut backend = redis_backend(lease, Duration::from_millis(100));
         // The first execution outlives the freeze; the retry's is quick.
-        let work = Work::failing_first(&[1500, 0], first_status);
+        let work = Work::failing_first(&[2500, 0], first_status);
         let server = TestServer::start(backend.idem.clone(), routes(work.clone()));
         let addr = server.addr;
         let stale = tokio::task::spawn_blocking(move || {
