@@ -5,7 +5,8 @@
 //! ```
 //!
 //! - serves on `127.0.0.1:8080` (`BIND` overrides);
-//! - uses Redis when `REDIS_URL` is set, and the in-memory store otherwise (it logs which);
+//! - uses Redis when `REDIS_URL` is set, a Redis Cluster when `REDIS_CLUSTER_URLS` (comma-separated
+//!   node URLs) is set, and the in-memory store otherwise (it logs which);
 //! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler (default 0).
 //!
 //! Every request names its client with `Authorization: Bearer <token>`; the client is the
@@ -227,7 +228,15 @@ fn json_config() -> web::JsonConfig {
 
 fn store_from_env() -> std::io::Result<Idempotency> {
     let to_io = |e: idem::StoreError| std::io::Error::other(e.to_string());
-    let store = if let Ok(url) = std::env::var("REDIS_URL") {
+    let store = if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
+        let urls: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        tracing::info!(nodes = ?urls, "using the Redis Cluster store");
+        Idempotency::new(idem::RedisClusterStore::from_urls(&urls).map_err(to_io)?)
+    } else if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!(%url, "using the Redis store");
         Idempotency::new(RedisStore::from_url(&url).map_err(to_io)?)
     } else {

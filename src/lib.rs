@@ -114,7 +114,7 @@
 //!
 //! # Supported Rust Versions
 //!
-//! The minimum supported Rust version is 1.85.
+//! The minimum supported Rust version is 1.89 (that of actix-web 4.18, the newest dependency floor; tested on 1.95).
 
 #![forbid(unsafe_code)]
 

@@ -53,9 +53,9 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
     let fn_token = &user_fn.sig.fn_token;
     // The user's function, nested inside the wrapper under the same name: its patterns, return
     // type and body are untouched, and a recursive call in its body still means itself. The
-    // wrapper's attributes (route, docs, lints) stay on the wrapper.
-    // `clippy::unused_async` would fire on it only because it is now called rather than passed
-    // to actix-web as a value; a handler is async whether or not it awaits.
+    // attributes (route, docs, lints) stay on the wrapper. `clippy::unused_async` would fire on
+    // the nested function only because it is now called rather than handed to actix-web as a
+    // value: a handler is async whether or not it awaits.
     let mut inner = user_fn.clone();
     inner.attrs = vec![syn::parse_quote!(#[allow(clippy::unused_async)])];
     inner.vis = syn::Visibility::Inherited;
@@ -141,7 +141,11 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
 
 /// The `HandlerSpec` fields the arguments set; the rest come from `HandlerSpec::new`.
 fn spec_fields(args: &Args) -> TokenStream {
-    let duration = |ms: u64| quote!(::core::option::Option::Some(::idem::__private::Duration::from_millis(#ms)));
+    let duration = |ms: u64| {
+        quote!(::core::option::Option::Some(
+            ::idem::__private::Duration::from_millis(#ms)
+        ))
+    };
     let mut fields = TokenStream::new();
     if let Some(ttl) = &args.ttl {
         let value = duration(ttl.value);

@@ -42,6 +42,7 @@ pub use crate::{
     protocol::Claim,
     record::StoredResponse,
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
+    store::RedisClusterStore,
     store::{MemoryStore, Ownership, RedisStore, Store, StoreError, Ticket},
 };
 

@@ -16,7 +16,12 @@ use crate::key::IdempotencyKey;
 /// Implement it for your authenticated-user extractor and name the type in
 /// `#[idempotent(scope = AuthUser)]`, or register a resolver on [`crate::Idempotency`].
 /// The id must be stable for one client and distinct between clients (an account id, a tenant id,
-/// an API key's id).
+/// an API key's id). The extractor runs before the body is read, so it must not read the body.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an idempotency scope: it does not implement `IdempotencyScope`",
+    label = "not an `IdempotencyScope`",
+    note = "implement `idem::IdempotencyScope` (and `FromRequest`) for your caller type, or write `scope = idem::Unscoped` to share one key space between all callers on purpose"
+)]
 pub trait IdempotencyScope: FromRequest {
     /// The caller's stable id.
     fn scope_id(&self) -> Cow<'_, str>;

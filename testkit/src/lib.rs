@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
 const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with \
     `apt-get update && apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis` \
     (macOS), or run `scripts/test.sh`, which installs it. Set REDIS_SERVER to use another binary.";

@@ -155,7 +155,7 @@ impl Store for MemoryStore {
             },
         );
         shard.inserts = shard.inserts.wrapping_add(1);
-        if shard.inserts % SWEEP_EVERY == 0 {
+        if shard.inserts.is_multiple_of(SWEEP_EVERY) {
             shard.records.retain(|_, e| e.expires_at > now);
         }
         Ok(Claim::Acquired)

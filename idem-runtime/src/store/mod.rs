@@ -15,9 +15,11 @@ use crate::{
     scope::RecordKey,
 };
 
+mod cluster;
 mod memory;
 mod redis;
 
+pub use self::cluster::{NotReplicated, RedisClusterStore, RedisClusterStoreBuilder};
 pub use self::memory::MemoryStore;
 pub use self::redis::{
     RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT,

@@ -12,6 +12,7 @@
 
 use std::{
     fmt,
+    future::Future,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, PoisonError,
@@ -22,7 +23,10 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_redis::{
-    redis::{self, aio::MultiplexedConnection, ErrorKind, Script, ServerErrorKind, Value},
+    redis::{
+        self, aio::MultiplexedConnection, cluster_async::ClusterConnection, ErrorKind, Script,
+        ServerErrorKind, Value,
+    },
     Pool, Runtime,
 };
 
@@ -86,22 +90,57 @@ return 0
 ";
 
 /// The four scripts, hashed once. `EVALSHA` falls back to `SCRIPT LOAD` on `NOSCRIPT` (a restarted
-/// or flushed server), then retries.
+/// or flushed server), then retries; the cluster store falls back to `EVAL` instead (see
+/// `cluster.rs`).
 pub(crate) struct Scripts {
-    pub(crate) claim: Script,
-    pub(crate) renew: Script,
-    pub(crate) complete: Script,
-    pub(crate) release: Script,
+    pub(crate) claim: Lua,
+    pub(crate) renew: Lua,
+    pub(crate) complete: Lua,
+    pub(crate) release: Lua,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
-            claim: Script::new(CLAIM),
-            renew: Script::new(RENEW),
-            complete: Script::new(COMPLETE),
-            release: Script::new(RELEASE),
+            claim: Lua::new(CLAIM),
+            renew: Lua::new(RENEW),
+            complete: Lua::new(COMPLETE),
+            release: Lua::new(RELEASE),
         }
+    }
+
+    /// The four scripts by name, as sent to Redis.
+    pub(crate) fn sources() -> [(&'static str, &'static str); 4] {
+        [
+            ("claim", CLAIM),
+            ("renew", RENEW),
+            ("complete", COMPLETE),
+            ("release", RELEASE),
+        ]
+    }
+}
+
+/// A script with its source: the cluster store sends the source (`EVAL`) where a node does not
+/// know the hash yet, so that the fallback is routed by key like the call itself.
+pub(crate) struct Lua {
+    pub(crate) script: Script,
+    pub(crate) source: &'static str,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        Self {
+            script: Script::new(source),
+            source,
+        }
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+
+    fn deref(&self) -> &Script {
+        &self.script
     }
 }
 
@@ -143,6 +182,186 @@ pub(crate) fn is_connection_error(err: &redis::RedisError) -> bool {
         || err.is_unrecoverable_error()
 }
 
+/// A deadpool pool of multiplexed connections: one checked-out connection serves any number of
+/// concurrent requests through cheap clones of its handle. Implemented for the single-server pool
+/// and the cluster pool, so that both stores keep their connections as [`Lanes`].
+pub(crate) trait MultiplexedPool: Send + Sync + 'static {
+    /// The handle one request clones (no I/O).
+    type Conn: Clone + Send + 'static;
+    /// The pool's object, held while its lane lives so the pool counts it as in use.
+    type Object: Send + 'static;
+
+    /// The pool's maximum size.
+    fn max_size(&self) -> usize;
+
+    /// Checks a connection out of the pool (the pool creates or recycles it).
+    fn checkout(&self) -> impl Future<Output = Result<Self::Object, StoreError>> + Send;
+
+    /// The handle of a checked-out connection.
+    fn handle(object: &Self::Object) -> Self::Conn;
+
+    /// Takes a broken connection out of the pool for good, so it makes a new one instead of
+    /// recycling it.
+    fn detach(object: Self::Object);
+}
+
+impl MultiplexedPool for Pool {
+    type Conn = MultiplexedConnection;
+    type Object = deadpool_redis::Connection;
+
+    fn max_size(&self) -> usize {
+        self.status().max_size
+    }
+
+    async fn checkout(&self) -> Result<Self::Object, StoreError> {
+        self.get()
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+    }
+
+    fn handle(object: &Self::Object) -> Self::Conn {
+        MultiplexedConnection::clone(object)
+    }
+
+    fn detach(object: Self::Object) {
+        drop(deadpool_redis::Connection::take(object));
+    }
+}
+
+impl MultiplexedPool for deadpool_redis::cluster::Pool {
+    type Conn = ClusterConnection;
+    type Object = deadpool_redis::cluster::Connection;
+
+    fn max_size(&self) -> usize {
+        self.status().max_size
+    }
+
+    async fn checkout(&self) -> Result<Self::Object, StoreError> {
+        self.get()
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+    }
+
+    fn handle(object: &Self::Object) -> Self::Conn {
+        ClusterConnection::clone(object)
+    }
+
+    fn detach(object: Self::Object) {
+        drop(deadpool_redis::cluster::Connection::take(object));
+    }
+}
+
+/// A few connections checked out of a pool once and kept, each serving requests round robin
+/// (see the module docs). A lane whose connection fails (an I/O error or a timeout) is dropped,
+/// and the next request on it checks a fresh connection out of the pool.
+pub(crate) struct Lanes<P: MultiplexedPool> {
+    pool: P,
+    lanes: Box<[Slot<P>]>,
+    next_lane: AtomicUsize,
+    generation: AtomicU64,
+}
+
+struct Slot<P: MultiplexedPool> {
+    lane: Mutex<Option<Lane<P>>>,
+    // Held by the one request that checks a connection out for an empty lane; the others wait for
+    // it. Without it, with as many lanes as the pool has connections, a burst of first requests
+    // could leave every connection kept by a lane and the rest waiting on the pool for ever.
+    filling: tokio::sync::Mutex<()>,
+}
+
+struct Lane<P: MultiplexedPool> {
+    conn: P::Conn,
+    generation: u64,
+    // Held so the pool counts the connection as in use; taken from the pool when the lane fails.
+    object: P::Object,
+}
+
+impl<P: MultiplexedPool> Lanes<P> {
+    /// `lanes` connections at most, clamped to 1..=the pool's size.
+    pub(crate) fn new(pool: P, lanes: usize) -> Self {
+        let lanes = lanes.clamp(1, pool.max_size().max(1));
+        Self {
+            pool,
+            lanes: (0..lanes)
+                .map(|_| Slot {
+                    lane: Mutex::new(None),
+                    filling: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            next_lane: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &P {
+        &self.pool
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    async fn lane(&self) -> Result<(usize, u64, P::Conn), StoreError> {
+        let i = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let slot = &self.lanes[i];
+        if let Some(lane) = lock(&slot.lane).as_ref() {
+            return Ok((i, lane.generation, lane.conn.clone()));
+        }
+        let _filling = slot.filling.lock().await;
+        if let Some(lane) = lock(&slot.lane).as_ref() {
+            // Filled while this request waited.
+            return Ok((i, lane.generation, lane.conn.clone()));
+        }
+        let object = self.pool.checkout().await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let conn = P::handle(&object);
+        *lock(&slot.lane) = Some(Lane {
+            conn: conn.clone(),
+            generation,
+            object,
+        });
+        Ok((i, generation, conn))
+    }
+
+    fn drop_lane(&self, i: usize, generation: u64) {
+        let mut slot = lock(&self.lanes[i].lane);
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(lane) = slot.take() {
+                P::detach(lane.object);
+            }
+        }
+    }
+
+    /// Runs `call` on a lane's connection within `timeout` (connection included). A connection
+    /// error or a timeout drops the lane.
+    pub(crate) async fn run<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(P::Conn) -> Fut,
+        Fut: Future<Output = Result<T, redis::RedisError>>,
+    {
+        let mut lane = None;
+        let attempt = async {
+            let (i, generation, conn) = self.lane().await?;
+            lane = Some((i, generation));
+            call(conn).await.map_err(|e| {
+                if is_connection_error(&e) {
+                    self.drop_lane(i, generation);
+                }
+                StoreError::Unavailable(Box::new(e))
+            })
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some((i, generation)) = lane {
+                    self.drop_lane(i, generation);
+                }
+                Err(StoreError::Timeout(timeout))
+            }
+        }
+    }
+}
+
 /// A store on one Redis server (or a replicated primary).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -150,20 +369,10 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    pool: Pool,
-    lanes: Box<[Mutex<Option<Lane>>]>,
-    next_lane: AtomicUsize,
-    generation: AtomicU64,
+    lanes: Lanes<Pool>,
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
-}
-
-struct Lane {
-    conn: MultiplexedConnection,
-    generation: u64,
-    // Held so the pool counts the connection as in use; taken from the pool when the lane fails.
-    object: deadpool_redis::Connection,
 }
 
 impl fmt::Debug for RedisStore {
@@ -172,7 +381,7 @@ impl fmt::Debug for RedisStore {
             .field("prefix", &self.inner.prefix)
             .field("timeout", &self.inner.timeout)
             .field("lanes", &self.inner.lanes.len())
-            .field("pool", &self.inner.pool.status())
+            .field("pool", &self.inner.lanes.pool().status())
             .finish()
     }
 }
@@ -212,14 +421,9 @@ impl RedisStoreBuilder {
 
     /// Builds the store. No connection is made until the first call.
     pub fn build(self) -> RedisStore {
-        let max = self.pool.status().max_size.max(1);
-        let lanes = self.lanes.clamp(1, max);
         RedisStore {
             inner: Arc::new(Inner {
-                pool: self.pool,
-                lanes: (0..lanes).map(|_| Mutex::new(None)).collect(),
-                next_lane: AtomicUsize::new(0),
-                generation: AtomicU64::new(0),
+                lanes: Lanes::new(self.pool, self.lanes),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 scripts: Scripts::new(),
@@ -258,43 +462,7 @@ impl RedisStore {
 
     /// The pool behind the store.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
-    }
-
-    async fn lane(&self) -> Result<(usize, u64, MultiplexedConnection), StoreError> {
-        let inner = &*self.inner;
-        let i = inner.next_lane.fetch_add(1, Ordering::Relaxed) % inner.lanes.len();
-        if let Some(lane) = lock(&inner.lanes[i]).as_ref() {
-            return Ok((i, lane.generation, lane.conn.clone()));
-        }
-        let object = inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
-        let mut slot = lock(&inner.lanes[i]);
-        if let Some(lane) = slot.as_ref() {
-            // Another request filled the lane meanwhile; `object` goes back to the pool.
-            return Ok((i, lane.generation, lane.conn.clone()));
-        }
-        let generation = inner.generation.fetch_add(1, Ordering::Relaxed);
-        let conn = MultiplexedConnection::clone(&object);
-        *slot = Some(Lane {
-            conn: conn.clone(),
-            generation,
-            object,
-        });
-        Ok((i, generation, conn))
-    }
-
-    fn drop_lane(&self, i: usize, generation: u64) {
-        let mut slot = lock(&self.inner.lanes[i]);
-        if slot.as_ref().is_some_and(|l| l.generation == generation) {
-            if let Some(lane) = slot.take() {
-                // Detach the broken connection so the pool makes a new one instead of recycling it.
-                drop(deadpool_redis::Connection::take(lane.object));
-            }
-        }
+        self.inner.lanes.pool()
     }
 
     /// The store key of a record, as bytes: the same as [`RecordKey::redis_key`], built in one
@@ -316,15 +484,14 @@ impl RedisStore {
     /// Runs `script` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD`
     /// and a retry after `NOSCRIPT`, when the server lost its scripts).
     ///
-    /// The command is packed straight from the borrowed arguments: a request copies its record
-    /// into the command buffer once.
+    /// The command is packed straight from the borrowed arguments into one buffer sized up
+    /// front: a request copies its record into the command once.
     async fn eval(
         &self,
         script: &Script,
         ticket: &Ticket,
         args: &[Arg<'_>],
     ) -> Result<Value, StoreError> {
-        let timeout = self.inner.timeout;
         let key = self.key_bytes(ticket.key());
         // "EVALSHA", the hash, "1", the key, then the arguments (a duration is at most 20 digits).
         let data = 7 + 40 + 1 + key.len() + args.iter().map(Arg::len).sum::<usize>();
@@ -336,35 +503,22 @@ impl RedisStore {
                 Arg::Millis(ms) => cmd.arg(ms),
             };
         }
-        let mut lane = None;
-        let call = async {
-            let (i, generation, mut conn) = self.lane().await?;
-            lane = Some((i, generation));
-            let answer = match cmd.query_async::<Value>(&mut conn).await {
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    match script.load_async(&mut conn).await {
-                        Ok(_) => cmd.query_async::<Value>(&mut conn).await,
-                        Err(e) => Err(e),
+        let cmd = &cmd;
+        self.inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                // The connection's own response timeout (redis-rs defaults to 500 ms) would
+                // otherwise cut a call short of the configured timeout.
+                conn.set_response_timeout(self.inner.timeout);
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        script.load_async(&mut conn).await?;
+                        cmd.query_async::<Value>(&mut conn).await
                     }
+                    answer => answer,
                 }
-                answer => answer,
-            };
-            answer.map_err(|e| {
-                if is_connection_error(&e) {
-                    self.drop_lane(i, generation);
-                }
-                StoreError::Unavailable(Box::new(e))
             })
-        };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                if let Some((i, generation)) = lane {
-                    self.drop_lane(i, generation);
-                }
-                Err(StoreError::Timeout(timeout))
-            }
-        }
+            .await
     }
 }
 

@@ -1,0 +1,494 @@
+//! The Redis Cluster store: the same records and the same four Lua scripts as [`RedisStore`], on a
+//! cluster.
+//!
+//! # One slot per record
+//!
+//! A record is one key, `<prefix>{<32 hex digits>}`: the hex digest is a Redis Cluster hash tag, and
+//! each script names exactly one key, `KEYS[1]`. So every script runs on the one master that owns
+//! the record's slot, and a `CROSSSLOT` error cannot happen (a test checks both).
+//!
+//! # Connections
+//!
+//! A [`ClusterConnection`] keeps one multiplexed connection per node and routes each command by its
+//! key's slot, following `MOVED` and `ASK` redirects and refreshing its slot map when the cluster
+//! changes (resharding, failover). Like [`RedisStore`], the store checks a few of them out of a
+//! deadpool-redis cluster pool once and keeps them as lanes (a pool checkout per request would cost
+//! a hidden `PING`). A lane that times out or loses its connection is dropped, and the next request
+//! on it checks out a fresh cluster connection (a fresh view of the topology).
+//!
+//! # Scripts on every master
+//!
+//! A call sends `EVALSHA`. A master that does not know the script yet (a new node, a replica
+//! promoted by a failover, a `SCRIPT FLUSH`) answers `NOSCRIPT`, and the store sends the same call
+//! as `EVAL` with the source: routed by the same key (so redirects are followed exactly as for
+//! `EVALSHA`), and it caches the script on that node for the next `EVALSHA`. (A `SCRIPT LOAD` has
+//! no key: it would go to every master and fail whenever any one of them is down.)
+//!
+//! # Durability: two modes
+//!
+//! Redis replicates asynchronously. By default a claim counts once its master acknowledged it; if
+//! that master dies before its replica received the claim, the replica that takes over has no
+//! record, and a retry runs the handler a second time. With
+//! [`RedisClusterStoreBuilder::wait_for_replicas`], claim and complete are each pipelined with
+//! `WAIT n timeout` on the same connection to the same master, and succeed only once `n` replicas
+//! confirmed the write. See the builder method for what it costs and what it does not promise.
+//!
+//! [`RedisStore`]: super::RedisStore
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use deadpool_redis::{
+    cluster::Pool,
+    redis::{
+        self,
+        cluster_async::ClusterConnection,
+        cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
+        Cmd, ServerErrorKind, Value,
+    },
+    Runtime,
+};
+
+use super::{
+    millis,
+    redis::{
+        parse_claim, parse_ownership, Lanes, Lua, Scripts, DEFAULT_LANES, DEFAULT_PREFIX,
+        DEFAULT_TIMEOUT,
+    },
+    Ownership, Store, StoreError, Ticket,
+};
+use crate::{
+    protocol::Claim,
+    record::{encode_completed, StoredResponse},
+};
+
+/// A store on a Redis Cluster (or a managed service that speaks the cluster protocol).
+///
+/// Cloning is cheap; clones share connections.
+#[derive(Clone)]
+pub struct RedisClusterStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    lanes: Lanes<Pool>,
+    prefix: String,
+    timeout: Duration,
+    wait: Option<WaitForReplicas>,
+    scripts: Scripts,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WaitForReplicas {
+    replicas: u32,
+    timeout: Duration,
+}
+
+impl fmt::Debug for RedisClusterStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClusterStore")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("wait_for_replicas", &self.inner.wait)
+            .field("lanes", &self.inner.lanes.len())
+            .field("pool", &self.inner.lanes.pool().status())
+            .finish()
+    }
+}
+
+/// Configures a [`RedisClusterStore`].
+pub struct RedisClusterStoreBuilder {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+    lanes: usize,
+    wait: Option<WaitForReplicas>,
+}
+
+impl fmt::Debug for RedisClusterStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClusterStoreBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("lanes", &self.lanes)
+            .field("wait_for_replicas", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisClusterStoreBuilder {
+    /// The prefix of every key the store writes (default `idem:`). Keep `{` out of it: Redis
+    /// hashes the first `{...}` of a key, so a prefix with a hash tag would put every record in
+    /// one slot, on one master.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a store call may take, connection and redirects included (default 2 s). A call
+    /// that takes longer fails with [`StoreError::Timeout`] (a 503), so a failing master cannot
+    /// hang requests while the cluster fails over. With
+    /// [`wait_for_replicas`](Self::wait_for_replicas), claim and complete get the `WAIT` timeout
+    /// on top.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many cluster connections the store keeps checked out (default 2, at least 1, at most
+    /// the pool's size). Each holds one connection per node. With
+    /// [`wait_for_replicas`](Self::wait_for_replicas), raise it: a node answers the commands of
+    /// one connection in order, so every `WAIT` holds up the calls queued behind it on that
+    /// connection.
+    #[must_use]
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes;
+        self
+    }
+
+    /// Durable claims: after the claim and after the completion, wait until `replicas` replicas
+    /// of the record's master confirmed the write, for at most `timeout` (at least 1 ms). `0`
+    /// replicas (the default) turns it off.
+    ///
+    /// # The two modes
+    ///
+    /// - **Acknowledged by the master** (the default). One round trip per claim and per
+    ///   completion, as on a single Redis. Redis replicates asynchronously: if a master dies
+    ///   after it acknowledged a claim and before its replica received it, the replica that takes
+    ///   over has no record, and a retry of that request runs the handler a second time. The window
+    ///   is the replication lag, usually well under a millisecond, but a failover is exactly when
+    ///   replicas lag.
+    /// - **Confirmed by `replicas` replicas** (this method). Claim and completion are each sent as
+    ///   a pipeline of the script and `WAIT replicas timeout`, on one connection to the record's
+    ///   master: still one network round trip each, two commands, and the answer waits for the
+    ///   replicas' acknowledgement. A claim that too few replicas confirmed fails with
+    ///   [`StoreError::Unavailable`] (wrapping [`NotReplicated`]: a 503 with `Retry-After`); the
+    ///   handler does not run, and the store releases the key. A completion that too few replicas
+    ///   confirmed reports the same error and the response is still sent; if its master then dies
+    ///   before replicating it, the replica has the (confirmed) claim, retries get 409 until the
+    ///   lease runs out, and then one runs the handler again, as after a crash.
+    ///
+    /// Costs: a replica round trip on every claim and completion. A replay is a claim and carries
+    /// its `WAIT` too, which answers at once unless other requests' writes on the same connection
+    /// are still unconfirmed. A connection that waits holds up the commands queued behind it: give
+    /// the store more [`lanes`](Self::lanes). Availability: a shard with fewer than `replicas` live replicas
+    /// answers 503 to every claim until a replica is back. With one replica per master, a
+    /// failover leaves the new master without a replica until the old one rejoins.
+    ///
+    /// What it promises, and not: with one replica per master and `replicas = 1`, the replica
+    /// that takes over is the one that confirmed. With more replicas per master, Redis lets the
+    /// most up-to-date replica stand for election first, which is usually one that confirmed but
+    /// not always; wait for all of them for the promise to hold. `WAIT` is not consensus: losing
+    /// the confirming replicas too, or a forced `CLUSTER FAILOVER TAKEOVER`, can still lose a
+    /// claim. Renewals and releases are not waited for: losing one only shortens or prolongs a
+    /// lease.
+    #[must_use]
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then_some(WaitForReplicas { replicas, timeout });
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call.
+    pub fn build(self) -> RedisClusterStore {
+        RedisClusterStore {
+            inner: Arc::new(Inner {
+                lanes: Lanes::new(self.pool, self.lanes),
+                prefix: self.prefix,
+                timeout: self.timeout,
+                wait: self.wait,
+                scripts: Scripts::new(),
+            }),
+        }
+    }
+}
+
+impl RedisClusterStore {
+    /// A builder over an existing deadpool-redis cluster pool.
+    pub fn builder(pool: Pool) -> RedisClusterStoreBuilder {
+        RedisClusterStoreBuilder {
+            pool,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            lanes: DEFAULT_LANES,
+            wait: None,
+        }
+    }
+
+    /// A store with default settings over a new pool for the cluster that `urls` belong to
+    /// (`["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`: a few nodes are enough, the rest
+    /// are discovered).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when a URL is invalid or the list is empty. No connection is
+    /// made here.
+    pub fn from_urls<S: AsRef<str>>(urls: &[S]) -> Result<Self, StoreError> {
+        Ok(Self::builder(pool_for(urls)?).build())
+    }
+
+    /// The store key of a record: `<prefix>{<hash tag>}`.
+    pub fn redis_key(&self, ticket: &Ticket) -> String {
+        ticket.key().redis_key(&self.inner.prefix)
+    }
+
+    /// The pool behind the store.
+    pub fn pool(&self) -> &Pool {
+        self.inner.lanes.pool()
+    }
+
+    /// The Lua scripts this store (and [`RedisStore`](super::RedisStore)) runs, as `(name,
+    /// source)`: for audits, and for clusters that restrict scripting. Each one names one key,
+    /// `KEYS[1]`.
+    pub fn lua_scripts() -> [(&'static str, &'static str); 4] {
+        Scripts::sources()
+    }
+
+    /// Runs `lua` on the master of `key`'s slot, pipelined with `WAIT` when `wait` is set.
+    /// Answers the script's value and the number of replicas `WAIT` counted.
+    async fn eval(
+        &self,
+        lua: &Lua,
+        key: &str,
+        args: &[&[u8]],
+        wait: Option<WaitForReplicas>,
+    ) -> Result<(Value, Option<Value>), StoreError> {
+        let timeout = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w.timeout);
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+        let mut values = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                let values = send(&mut conn, &evalsha(lua, key, args), wait, &route).await?;
+                if !values.first().is_some_and(is_noscript) {
+                    return Ok(values);
+                }
+                // Not loaded on this master yet (a new or promoted node, a flush): send the
+                // source, routed by the same key. It also caches the script there.
+                let eval = eval(lua, key, args);
+                match (wait, values.get(1)) {
+                    // The WAIT sent along found too few replicas, after its whole timeout (a
+                    // promoted master has none yet): the write cannot be confirmed now, so do
+                    // not wait a second time; report that count.
+                    (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
+                        let mut values = send(&mut conn, &eval, None, &route).await?;
+                        values.push(Value::Int(acked));
+                        Ok(values)
+                    }
+                    _ => send(&mut conn, &eval, wait, &route).await,
+                }
+            })
+            .await?
+            .into_iter();
+        let script = values
+            .next()
+            .ok_or_else(|| StoreError::Protocol("the cluster answered nothing".into()))?
+            .extract_error()
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        Ok((script, values.next()))
+    }
+
+    /// Whether `WAIT` counted enough replicas (always, without `wait_for_replicas`).
+    fn replicated(&self, acked: Option<Value>) -> Result<(), StoreError> {
+        let Some(wait) = self.inner.wait else {
+            return Ok(());
+        };
+        let acked = match acked {
+            Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
+            Some(Value::ServerError(e)) => {
+                return Err(StoreError::Unavailable(Box::new(redis::RedisError::from(
+                    e,
+                ))))
+            }
+            other => {
+                return Err(StoreError::Protocol(format!("WAIT answered {other:?}")));
+            }
+        };
+        if acked >= wait.replicas {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(Box::new(NotReplicated {
+                wanted: wait.replicas,
+                acked,
+                timeout: wait.timeout,
+            })))
+        }
+    }
+}
+
+/// A deadpool-redis cluster pool for `urls`.
+fn pool_for<S: AsRef<str>>(urls: &[S]) -> Result<Pool, StoreError> {
+    if urls.is_empty() {
+        return Err(StoreError::Unavailable(
+            "a Redis Cluster store needs at least one node URL".into(),
+        ));
+    }
+    let urls: Vec<String> = urls.iter().map(|u| u.as_ref().to_owned()).collect();
+    deadpool_redis::cluster::Config::from_urls(urls)
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))
+}
+
+fn evalsha(lua: &Lua, key: &str, args: &[&[u8]]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(lua.get_hash()).arg(1).arg(key);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+fn eval(lua: &Lua, key: &str, args: &[&[u8]]) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(lua.source).arg(1).arg(key);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+/// Sends `script` to the master of the key's slot: alone, or pipelined with `WAIT` on the same
+/// connection, so that `WAIT` counts the replicas that have this very write. Answers one value per
+/// command; a server error is a value here, so the caller can tell `NOSCRIPT` apart.
+async fn send(
+    conn: &mut ClusterConnection,
+    script: &Cmd,
+    wait: Option<WaitForReplicas>,
+    route: &SingleNodeRoutingInfo,
+) -> Result<Vec<Value>, redis::RedisError> {
+    match wait {
+        None => {
+            let routing = RoutingInfo::SingleNode(route.clone());
+            Ok(vec![conn.route_command(script.clone(), routing).await?])
+        }
+        Some(wait) => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(script.clone())
+                .cmd("WAIT")
+                .arg(wait.replicas)
+                .arg(millis(wait.timeout));
+            conn.route_pipeline(pipe, 0, 2, route.clone()).await
+        }
+    }
+}
+
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+}
+
+/// Parses the claim script's answer. The cluster client re-sends a command whose connection broke
+/// before the answer came (a master failing over, a reconnect): the second attempt can find the
+/// pending record the first one wrote, and that is this request's own claim.
+fn parse_claim_of(value: Value, ticket: &Ticket) -> Result<Claim, StoreError> {
+    if let Value::Array(items) = &value {
+        if let Some(Value::BulkString(raw)) = items.first() {
+            if raw.as_slice() == ticket.pending_record().as_ref() {
+                return Ok(Claim::Acquired);
+            }
+        }
+    }
+    parse_claim(value, ticket)
+}
+
+/// A write that fewer replicas than asked for confirmed within the `WAIT` timeout (see
+/// [`RedisClusterStoreBuilder::wait_for_replicas`]). Reported inside
+/// [`StoreError::Unavailable`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{acked} of {wanted} replicas confirmed the write within {timeout:?}")]
+pub struct NotReplicated {
+    wanted: u32,
+    acked: u32,
+    timeout: Duration,
+}
+
+impl NotReplicated {
+    /// How many replicas had to confirm the write.
+    pub fn wanted(&self) -> u32 {
+        self.wanted
+    }
+
+    /// How many did in time.
+    pub fn acked(&self) -> u32 {
+        self.acked
+    }
+}
+
+#[async_trait]
+impl Store for RedisClusterStore {
+    async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        let lease = millis(lease).to_string();
+        let (value, acked) = self
+            .eval(
+                &self.inner.scripts.claim,
+                &self.redis_key(ticket),
+                &[ticket.pending_record(), lease.as_bytes()],
+                self.inner.wait,
+            )
+            .await?;
+        let claim = parse_claim_of(value, ticket)?;
+        if claim == Claim::Acquired {
+            if let Err(err) = self.replicated(acked) {
+                // The handler will not run: free the key rather than leave retries in flight until
+                // the lease runs out. In the background, so that a dying master does not hold up
+                // the 503; best effort, the lease frees the key otherwise.
+                let (store, ticket) = (self.clone(), ticket.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.release(&ticket).await {
+                        tracing::debug!(error = %e, "an unreplicated claim was not released");
+                    }
+                });
+                return Err(err);
+            }
+        }
+        Ok(claim)
+    }
+
+    async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
+        let lease = millis(lease).to_string();
+        let (value, _) = self
+            .eval(
+                &self.inner.scripts.renew,
+                &self.redis_key(ticket),
+                &[ticket.pending_record(), lease.as_bytes()],
+                None,
+            )
+            .await?;
+        parse_ownership(&value)
+    }
+
+    async fn complete(
+        &self,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let record = encode_completed(ticket.fingerprint(), response)?;
+        let ttl = millis(ttl).to_string();
+        let (value, acked) = self
+            .eval(
+                &self.inner.scripts.complete,
+                &self.redis_key(ticket),
+                &[ticket.pending_record(), &record, ttl.as_bytes()],
+                self.inner.wait,
+            )
+            .await?;
+        let ownership = parse_ownership(&value)?;
+        if ownership == Ownership::Held {
+            self.replicated(acked)?;
+        }
+        Ok(ownership)
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
+        let (value, _) = self
+            .eval(
+                &self.inner.scripts.release,
+                &self.redis_key(ticket),
+                &[ticket.pending_record()],
+                None,
+            )
+            .await?;
+        parse_ownership(&value)
+    }
+}
