@@ -9,6 +9,11 @@
 //! (no I/O) and sends exactly one `EVALSHA`. The pool still creates, health-checks and sizes
 //! connections: when a lane's connection fails (an I/O error or a timeout), the lane drops it and
 //! the next request checks a fresh one out of the pool.
+//!
+//! A [`RedisStore`] gives each thread that calls it one lane (threads are numbered as they first
+//! call, modulo the number of lanes), and a lane's connection is opened by the first thread that
+//! takes it, so its I/O task runs on that thread: with as many lanes as actix workers, no command
+//! or answer crosses threads. Set [`RedisStoreBuilder::lanes`] to the number of workers.
 
 use std::{
     fmt,
@@ -251,14 +256,23 @@ impl MultiplexedPool for deadpool_redis::cluster::Pool {
     }
 }
 
-/// A few connections checked out of a pool once and kept, each serving requests round robin
-/// (see the module docs). A lane whose connection fails (an I/O error or a timeout) is dropped,
-/// and the next request on it checks a fresh connection out of the pool.
+/// A few connections checked out of a pool once and kept, each serving the calls that pick it (in
+/// turn, or by thread: see [`Pick`] and the module docs). A lane whose connection fails (an I/O
+/// error or a timeout) is dropped, and the next request on it checks a fresh connection out of
+/// the pool.
 pub(crate) struct Lanes<P: MultiplexedPool> {
     pool: P,
     lanes: Box<[Slot<P>]>,
-    next_lane: AtomicUsize,
+    pick: Pick,
     generation: AtomicU64,
+}
+
+/// How a call picks its lane.
+enum Pick {
+    /// Successive calls take successive lanes.
+    RoundRobin(AtomicUsize),
+    /// A thread always takes the same lane.
+    Thread,
 }
 
 struct Slot<P: MultiplexedPool> {
@@ -277,8 +291,20 @@ struct Lane<P: MultiplexedPool> {
 }
 
 impl<P: MultiplexedPool> Lanes<P> {
-    /// `lanes` connections at most, clamped to 1..=the pool's size.
+    /// `lanes` connections at most, clamped to 1..=the pool's size, taken in turn by successive
+    /// calls.
     pub(crate) fn new(pool: P, lanes: usize) -> Self {
+        Self::with_pick(pool, lanes, Pick::RoundRobin(AtomicUsize::new(0)))
+    }
+
+    /// `lanes` connections at most, clamped to 1..=the pool's size, each taken by the threads that
+    /// map to it (see [`thread_lane`]): with as many lanes as worker threads, each worker has a
+    /// connection whose I/O task runs on its own thread.
+    pub(crate) fn per_thread(pool: P, lanes: usize) -> Self {
+        Self::with_pick(pool, lanes, Pick::Thread)
+    }
+
+    fn with_pick(pool: P, lanes: usize, pick: Pick) -> Self {
         let lanes = lanes.clamp(1, pool.max_size().max(1));
         Self {
             pool,
@@ -288,7 +314,7 @@ impl<P: MultiplexedPool> Lanes<P> {
                     filling: tokio::sync::Mutex::new(()),
                 })
                 .collect(),
-            next_lane: AtomicUsize::new(0),
+            pick,
             generation: AtomicU64::new(0),
         }
     }
@@ -302,7 +328,10 @@ impl<P: MultiplexedPool> Lanes<P> {
     }
 
     async fn lane(&self) -> Result<(usize, u64, P::Conn), StoreError> {
-        let i = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let i = match &self.pick {
+            Pick::RoundRobin(next) => next.fetch_add(1, Ordering::Relaxed),
+            Pick::Thread => thread_lane(),
+        } % self.lanes.len();
         let slot = &self.lanes[i];
         if let Some(lane) = lock(&slot.lane).as_ref() {
             return Ok((i, lane.generation, lane.conn.clone()));
@@ -347,7 +376,13 @@ impl<P: MultiplexedPool> Lanes<P> {
                 if is_connection_error(&e) {
                     self.drop_lane(i, generation);
                 }
-                StoreError::Unavailable(Box::new(e))
+                // The connection's response timeout is the store's (see `eval`), so it races
+                // the timer below: either way the call took the whole timeout.
+                if e.is_timeout() {
+                    StoreError::Timeout(timeout)
+                } else {
+                    StoreError::Unavailable(Box::new(e))
+                }
             })
         };
         match tokio::time::timeout(timeout, attempt).await {
@@ -412,7 +447,8 @@ impl RedisStoreBuilder {
     }
 
     /// How many multiplexed connections the store keeps checked out (default 2, at least 1, at
-    /// most the pool's size).
+    /// most the pool's size). Each thread that calls the store uses one of them, so the number of
+    /// actix workers is the best value: every worker then has a connection of its own.
     #[must_use]
     pub fn lanes(mut self, lanes: usize) -> Self {
         self.lanes = lanes;
@@ -423,7 +459,7 @@ impl RedisStoreBuilder {
     pub fn build(self) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::new(self.pool, self.lanes),
+                lanes: Lanes::per_thread(self.pool, self.lanes),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 scripts: Scripts::new(),
@@ -537,6 +573,19 @@ impl Arg<'_> {
             Self::Millis(_) => 20,
         }
     }
+}
+
+/// The lane a thread uses: threads are numbered in the order they first call a store, so that
+/// each of `lanes` threads (an actix worker each) gets a connection of its own. A multiplexed
+/// connection's I/O task runs on the thread that opened it; a request from another thread would
+/// hand every command and every answer across threads (a wake-up, often a futex and an eventfd
+/// write, each way).
+fn thread_lane() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    LANE.with(|lane| *lane)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
