@@ -54,7 +54,10 @@ use proc_macro::TokenStream;
 /// - `store_server_errors`: store and replay 5xx responses too. Default: a 5xx releases the key,
 ///   so a retry runs the handler again.
 /// - `max_body = 65536` or `max_body = "64KiB"` (units `B`, `KB`, `KiB`, `MB`, `MiB`): the
-///   largest request body; a larger one gets 413. Default: the app's (1 MiB).
+///   largest request body that is read and fingerprinted; a keyed request with a larger one gets
+///   413 and nothing is recorded. (A request without a key is not fingerprinted: it reaches the
+///   handler as is, and the handler's own extractors apply their limits.) Default: the app's
+///   (1 MiB).
 ///
 /// Each argument is checked at compile time: a malformed duration, a lease not shorter than the
 /// ttl, an invalid header name, a scope type that is not an `IdempotencyScope` or a return type
