@@ -501,20 +501,27 @@ impl RedisStore {
         self.inner.lanes.pool()
     }
 
-    /// The store key of a record, as bytes: the same as [`RecordKey::redis_key`], built in one
-    /// allocation.
-    fn key_bytes(&self, key: &RecordKey) -> Vec<u8> {
+    /// Calls `f` with the store key of a record, as bytes: the same as
+    /// [`RecordKey::redis_key`], built on the stack for any prefix up to 62 bytes.
+    fn with_key_bytes<R>(&self, key: &RecordKey, f: impl FnOnce(&[u8]) -> R) -> R {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let prefix = self.inner.prefix.as_bytes();
-        let mut out = Vec::with_capacity(prefix.len() + 34);
-        out.extend_from_slice(prefix);
-        out.push(b'{');
-        for b in &key.as_bytes()[..16] {
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+        let mut tag = [0u8; 34];
+        tag[0] = b'{';
+        for (i, b) in key.as_bytes()[..16].iter().enumerate() {
+            tag[1 + 2 * i] = HEX[usize::from(b >> 4)];
+            tag[2 + 2 * i] = HEX[usize::from(b & 0xf)];
         }
-        out.push(b'}');
-        out
+        tag[33] = b'}';
+        let prefix = self.inner.prefix.as_bytes();
+        let mut buf = [0u8; 96];
+        if let Some(dst) = buf.get_mut(..prefix.len() + tag.len()) {
+            let (head, rest) = dst.split_at_mut(prefix.len());
+            head.copy_from_slice(prefix);
+            rest.copy_from_slice(&tag);
+            f(dst)
+        } else {
+            f(&[prefix, &tag[..]].concat())
+        }
     }
 
     /// Runs `script` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD`
@@ -528,11 +535,12 @@ impl RedisStore {
         ticket: &Ticket,
         args: &[Arg<'_>],
     ) -> Result<Value, StoreError> {
-        let key = self.key_bytes(ticket.key());
         // "EVALSHA", the hash, "1", the key, then the arguments (a duration is at most 20 digits).
-        let data = 7 + 40 + 1 + key.len() + args.iter().map(Arg::len).sum::<usize>();
+        let data = 7 + 40 + 1 + self.inner.prefix.len() + 34;
+        let data = data + args.iter().map(Arg::len).sum::<usize>();
         let mut cmd = redis::Cmd::with_capacity(4 + args.len(), data);
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(key);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(1);
+        self.with_key_bytes(ticket.key(), |key| cmd.arg(key));
         for arg in args {
             match *arg {
                 Arg::Bytes(bytes) => cmd.arg(bytes),
@@ -685,13 +693,14 @@ mod tests {
         let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1")
             .create_pool(Some(Runtime::Tokio1))
             .expect("a pool needs no connection");
-        for prefix in ["idem:", "", "a much longer prefix:with:parts:"] {
+        let long = "a prefix longer than the stack buffer: ".repeat(3);
+        for prefix in ["idem:", "", "a much longer prefix:with:parts:", &long] {
             let store = RedisStore::builder(pool.clone()).prefix(prefix).build();
             for key in ["k", "8e03978e-40d5-43e8-bc93-6894a57f9324", "{evil}"] {
                 let key = IdempotencyKey::parse(key.as_bytes()).expect("valid key");
                 let record = RecordKey::new(&ScopeId::new("alice"), &key);
                 assert_eq!(
-                    store.key_bytes(&record),
+                    store.with_key_bytes(&record, <[u8]>::to_vec),
                     record.redis_key(prefix).into_bytes()
                 );
             }
