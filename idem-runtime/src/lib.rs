@@ -14,7 +14,7 @@
 //!
 //! # Supported Rust versions
 //!
-//! The minimum supported Rust version is 1.85.
+//! The minimum supported Rust version is 1.89 (the dependency floor; tested on 1.95).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
