@@ -26,8 +26,16 @@ echo "== cargo build --examples"
 # binary, and a test must not run cargo itself: build them here.
 cargo build --workspace --examples --locked
 
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo test"
-cargo test --workspace --all-targets --locked
+cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
 
 echo "== doctests"
-cargo test --workspace --doc --locked
+cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+
+# One closing line for the whole run (every `test result:` line summed), so that the last line says
+# what ran rather than whichever crate happened to run last.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
