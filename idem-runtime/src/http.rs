@@ -133,9 +133,6 @@ pub fn extractor_error<E: Into<actix_web::Error>>(err: E) -> HttpResponse {
     HttpResponse::from_error(err.into())
 }
 
-/// Type-checks a `scope = T` argument: `T` must be an [`IdempotencyScope`].
-pub const fn assert_scope<T: IdempotencyScope>() {}
-
 /// Runs one request through the idempotency lifecycle. `run` runs the user's handler (its own
 /// extractors included) against the request and a payload rebuilt from the raw body.
 pub async fn handle<S, F, Fut>(

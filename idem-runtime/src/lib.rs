@@ -53,6 +53,6 @@ pub mod __private {
     pub use actix_web;
     pub use core::time::Duration;
 
-    pub use crate::http::{assert_scope, extractor_error, handle, respond, AppScope, HandlerSpec};
+    pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec};
     pub use crate::policy::ServerErrors;
 }
