@@ -246,28 +246,14 @@ async fn one_get(req: HttpRequest, account: Account) -> HttpResponse {
     }
 }
 
-/// The library's claim script, copied (`idem-runtime/src/store/redis.rs`); the bench checks that
-/// Redis knows it by the same hash after the library has loaded its own.
-pub(crate) const CLAIM_SCRIPT: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v then
-  if string.byte(v, 4) == 80 then
-    return {v, redis.call('PTTL', KEYS[1])}
-  end
-  return {v, 0}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-";
-
-/// The library's complete script, copied likewise.
-pub(crate) const COMPLETE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
+/// One of the library's own Lua scripts, by name (`claim`, `complete`), as the library publishes
+/// them: the hand-written rows run exactly what the library runs.
+pub(crate) fn library_script(name: &str) -> &'static str {
+    idem::RedisClusterStore::lua_scripts()
+        .into_iter()
+        .find_map(|(n, source)| (n == name).then_some(source))
+        .unwrap_or_else(|| panic!("the library has no `{name}` script"))
+}
 
 /// A pending record's size: what the library's claim writes and complete compares against.
 const PENDING: &[u8; 52] = b"id\x01P________________________________________________";
@@ -279,8 +265,14 @@ fn scripts() -> &'static (Lua, Lua) {
     static SCRIPTS: std::sync::OnceLock<(Lua, Lua)> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| {
         (
-            (redis::Script::new(CLAIM_SCRIPT), CLAIM_SCRIPT),
-            (redis::Script::new(COMPLETE_SCRIPT), COMPLETE_SCRIPT),
+            (
+                redis::Script::new(library_script("claim")),
+                library_script("claim"),
+            ),
+            (
+                redis::Script::new(library_script("complete")),
+                library_script("complete"),
+            ),
         )
     })
 }

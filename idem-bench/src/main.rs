@@ -577,8 +577,8 @@ fn scripts_match(redis: &RedisServer, port: u16) -> Result<bool, String> {
     if r.status != 201 {
         return Err(format!("scripts probe answered {}", r.status));
     }
-    let claim = idem::redis::Script::new(app::CLAIM_SCRIPT);
-    let complete = idem::redis::Script::new(app::COMPLETE_SCRIPT);
+    let claim = idem::redis::Script::new(app::library_script("claim"));
+    let complete = idem::redis::Script::new(app::library_script("complete"));
     let out = redis.cli(&["SCRIPT", "EXISTS", claim.get_hash(), complete.get_hash()]);
     Ok(out.split_whitespace().filter(|w| *w == "1").count() == 2)
 }
