@@ -133,12 +133,10 @@ async fn cluster_harness() -> Harness {
         .get_async_connection()
         .await
         .expect("cluster connection");
-    let (raw_conn, foreign_conn) = (direct.clone(), direct);
-    let key_of = {
+    let (write_raw, write_foreign_type) = suite::redis_writers(direct, {
         let store = store.clone();
         move |t: &Ticket| store.redis_key(t)
-    };
-    let key_of_foreign = key_of.clone();
+    });
     Harness {
         store: Arc::new(store),
         ttls: Box::new(move || {
@@ -155,21 +153,8 @@ async fn cluster_harness() -> Harness {
                 out
             })
         }),
-        write_raw: Some(Box::new(move |t, bytes| {
-            let mut conn = raw_conn.clone();
-            let key = key_of(&t);
-            Box::pin(async move {
-                let () = conn.set_ex(key, bytes, 60).await.expect("SET");
-            })
-        })),
-        write_foreign_type: Some(Box::new(move |t| {
-            let mut conn = foreign_conn.clone();
-            let key = key_of_foreign(&t);
-            Box::pin(async move {
-                let _: i64 = conn.hset(&key, "f", "v").await.expect("HSET");
-                let _: bool = conn.expire(&key, 60).await.expect("EXPIRE");
-            })
-        })),
+        write_raw: Some(write_raw),
+        write_foreign_type: Some(write_foreign_type),
         guard: Box::new(cluster),
     }
 }

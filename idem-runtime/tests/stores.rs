@@ -46,13 +46,10 @@ async fn redis_harness() -> Harness {
         .await
         .expect("connect");
     let ttl_conn = conn.clone();
-    let raw_conn = conn.clone();
-    let foreign_conn = conn;
-    let key_of = {
+    let (write_raw, write_foreign_type) = suite::redis_writers(conn, {
         let store = store.clone();
         move |t: &Ticket| store.redis_key(t)
-    };
-    let key_of_foreign = key_of.clone();
+    });
     Harness {
         store: Arc::new(store),
         ttls: Box::new(move || {
@@ -67,21 +64,8 @@ async fn redis_harness() -> Harness {
                 out
             })
         }),
-        write_raw: Some(Box::new(move |t, bytes| {
-            let mut conn = raw_conn.clone();
-            let key = key_of(&t);
-            Box::pin(async move {
-                let () = conn.set_ex(key, bytes, 60).await.expect("SET");
-            })
-        })),
-        write_foreign_type: Some(Box::new(move |t| {
-            let mut conn = foreign_conn.clone();
-            let key = key_of_foreign(&t);
-            Box::pin(async move {
-                let _: i64 = conn.hset(&key, "f", "v").await.expect("HSET");
-                let _: bool = conn.expire(&key, 60).await.expect("EXPIRE");
-            })
-        })),
+        write_raw: Some(write_raw),
+        write_foreign_type: Some(write_foreign_type),
         guard: Box::new(server),
     }
 }

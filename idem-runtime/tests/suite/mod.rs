@@ -39,6 +39,37 @@ pub struct Harness {
     pub guard: Box<dyn std::any::Any + Send + Sync>,
 }
 
+/// The raw and foreign-type writers of a Redis-backed harness: `conn` talks to the server (or
+/// cluster) behind the store, `key_of` names a ticket's record the way the store does.
+pub fn redis_writers<C>(
+    conn: C,
+    key_of: impl Fn(&Ticket) -> String + Clone + Send + Sync + 'static,
+) -> (RawWriter, ForeignWriter)
+where
+    C: idem_runtime::redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    use idem_runtime::redis::AsyncCommands as _;
+
+    let raw_conn = conn.clone();
+    let raw_key = key_of.clone();
+    let raw: RawWriter = Box::new(move |t, bytes| {
+        let mut conn = raw_conn.clone();
+        let key = raw_key(&t);
+        Box::pin(async move {
+            let () = conn.set_ex(key, bytes, 60).await.expect("SET");
+        })
+    });
+    let foreign: ForeignWriter = Box::new(move |t| {
+        let mut conn = conn.clone();
+        let key = key_of(&t);
+        Box::pin(async move {
+            let _: i64 = conn.hset(&key, "f", "v").await.expect("HSET");
+            let _: bool = conn.expire(&key, 60).await.expect("EXPIRE");
+        })
+    });
+    (raw, foreign)
+}
+
 pub const LEASE: Duration = Duration::from_secs(10);
 pub const TTL: Duration = Duration::from_secs(3600);
 
