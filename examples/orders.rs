@@ -55,9 +55,9 @@ impl Settings {
         Ok(Self {
             bind: var("BIND").unwrap_or_else(|| "127.0.0.1:8081".to_owned()),
             redis_url: var("REDIS_URL"),
-            lease: duration("ORDERS_LEASE", idem::config::DEFAULT_LEASE)?,
-            ttl: duration("ORDERS_TTL", idem::config::DEFAULT_TTL)?,
-            store_timeout: duration("ORDERS_STORE_TIMEOUT", idem::store::DEFAULT_TIMEOUT)?,
+            lease: duration("ORDERS_LEASE", idem::Idempotency::DEFAULT_LEASE)?,
+            ttl: duration("ORDERS_TTL", idem::Idempotency::DEFAULT_TTL)?,
+            store_timeout: duration("ORDERS_STORE_TIMEOUT", idem::RedisStore::DEFAULT_TIMEOUT)?,
             delay: match var("ORDERS_DELAY_MS") {
                 None => Duration::ZERO,
                 Some(ms) => Duration::from_millis(

@@ -1,4 +1,4 @@
-//! The HTTP contract of DESIGN.md, through `#[idempotent]` handlers, against the in-memory store and
+//! The HTTP contract (README, "The HTTP contract"), through `#[idempotent]` handlers, against the in-memory store and
 //! a real Redis (started by the test on a free port).
 
 mod common;

@@ -252,7 +252,7 @@ async fn every_request_records_its_outcome_on_the_idempotent_span() {
     );
     assert_eq!(outcomes.take(), ["in_flight", "executed"]);
 
-    common::assert_every_key_expires_within(backend.redis(), idem::config::DEFAULT_TTL).await;
+    common::assert_every_key_expires_within(backend.redis(), idem::Idempotency::DEFAULT_TTL).await;
 
     // The store is down: fail closed, or open where the handler asks for it.
     backend.redis().stop();

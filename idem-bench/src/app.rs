@@ -249,7 +249,7 @@ async fn one_get(req: HttpRequest, account: Account) -> HttpResponse {
 /// One of the library's own Lua scripts, by name (`claim`, `complete`), as the library publishes
 /// them: the hand-written rows run exactly what the library runs.
 pub(crate) fn library_script(name: &str) -> &'static str {
-    idem::RedisClusterStore::lua_scripts()
+    idem_runtime::testing::lua_scripts()
         .into_iter()
         .find_map(|(n, source)| (n == name).then_some(source))
         .unwrap_or_else(|| panic!("the library has no `{name}` script"))
@@ -258,8 +258,8 @@ pub(crate) fn library_script(name: &str) -> &'static str {
 /// A pending record's size: what the library's claim writes and complete compares against.
 const PENDING: &[u8; 52] = b"id\x01P________________________________________________";
 
-/// A script and its source, for `SCRIPT LOAD`.
-type Lua = (redis::Script, &'static str);
+/// A script, its source (for `SCRIPT LOAD`) and its name in the library.
+type Lua = (redis::Script, &'static str, &'static str);
 
 fn scripts() -> &'static (Lua, Lua) {
     static SCRIPTS: std::sync::OnceLock<(Lua, Lua)> = std::sync::OnceLock::new();
@@ -268,10 +268,12 @@ fn scripts() -> &'static (Lua, Lua) {
             (
                 redis::Script::new(library_script("claim")),
                 library_script("claim"),
+                "claim",
             ),
             (
                 redis::Script::new(library_script("complete")),
                 library_script("complete"),
+                "complete",
             ),
         )
     })
@@ -280,15 +282,14 @@ fn scripts() -> &'static (Lua, Lua) {
 /// One `EVALSHA` (after a `SCRIPT LOAD` when Redis does not know the script yet).
 async fn evalsha(
     conn: &mut Held,
-    (script, code): &Lua,
+    (_, code, name): &Lua,
     key: &str,
     args: &[&[u8]],
 ) -> redis::RedisResult<redis::Value> {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(1).arg(key);
-    for arg in args {
-        cmd.arg(*arg);
-    }
+    // Built by the library's own command builder, as the stores build it.
+    let Some(cmd) = idem_runtime::testing::script_command(name, key.as_bytes(), args) else {
+        unreachable!("the library has both scripts");
+    };
     match conn.query::<redis::Value>(&cmd).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             let load = redis::cmd("SCRIPT").arg("LOAD").arg(*code).to_owned();

@@ -17,7 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use idem::{IdempotencyKey, RecordKey, ScopeId};
 use idem_testkit::{command_stats, RedisServer};
 
 use crate::wrk::{Keys, Load, WrkResult};
@@ -47,7 +46,7 @@ impl Options {
                 connections: 32,
             },
             workers: 1,
-            lanes: idem::store::DEFAULT_LANES,
+            lanes: idem::RedisStore::DEFAULT_LANES,
             rows: DEFAULT_ROWS.iter().map(|s| (*s).to_owned()).collect(),
             hold: false,
         };
@@ -447,8 +446,14 @@ fn script_file() -> Result<PathBuf, String> {
 
 /// The store key of the idempotent endpoint's record for `key`.
 fn record_key(key: &str) -> Result<String, String> {
-    let key = IdempotencyKey::parse(key.as_bytes()).map_err(|e| e.to_string())?;
-    Ok(RecordKey::new(&ScopeId::new(ACCOUNT), &key).redis_key(idem::store::DEFAULT_PREFIX))
+    if key.is_empty() || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(format!("{key:?} is not a valid idempotency key"));
+    }
+    let record = idem_runtime::testing::record_key(ACCOUNT, key);
+    Ok(idem_runtime::testing::redis_key(
+        idem::RedisStore::DEFAULT_PREFIX,
+        &record,
+    ))
 }
 
 struct Memory {

@@ -35,9 +35,14 @@ const NAMES: [&str; 9] = [
     "max_body",
 ];
 
-/// The runtime's default record retention (`idem_runtime::config::DEFAULT_TTL`), which a `lease`
-/// is compared with when the handler sets no `ttl`.
+/// The runtime's default record retention (`Idempotency::DEFAULT_TTL`), which a `lease` is
+/// compared with when the handler sets no `ttl`. A proc-macro crate cannot depend on the runtime,
+/// so the value is copied; the runtime checks the resolved pair again (a handler's `lease` under
+/// an app's shorter `ttl`), so a drift here could only let a mistake through to that check.
 const DEFAULT_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// The runtime's bounds, `Idempotency::MAX_TTL` and `Idempotency::MAX_LEASE` (copied, as above).
+const MAX_TTL: (u64, &str) = (365 * 24 * 60 * 60 * 1000, "365d");
+const MAX_LEASE: (u64, &str) = (24 * 60 * 60 * 1000, "24h");
 
 /// A value, the span of the literal it was written as, and that literal's text.
 #[derive(Debug, Clone)]
@@ -128,12 +133,32 @@ impl Parse for Args {
             }
             input.parse::<Token![,]>()?;
         }
+        args.check_bounds()?;
         args.check_lease()?;
         Ok(args)
     }
 }
 
 impl Args {
+    /// Durations past what the stores can keep: a record kept for years, a lease of days.
+    fn check_bounds(&self) -> syn::Result<()> {
+        for (name, value, (max, written)) in [
+            ("ttl", &self.ttl, MAX_TTL),
+            ("lease", &self.lease, MAX_LEASE),
+        ] {
+            if let Some(value) = value.as_ref().filter(|v| v.value > max) {
+                return Err(syn::Error::new(
+                    value.span,
+                    format!(
+                        "`{name}` ({}) is longer than the longest allowed, {written}",
+                        value.written
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A lease at least as long as the record's retention would keep a crashed request's key
     /// blocked for longer than its record lives.
     fn check_lease(&self) -> syn::Result<()> {

@@ -65,6 +65,7 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
         None => quote!(::idem::__private::AppScope),
     };
     let spec_fields = spec_fields(args);
+    let key_header = key_header(args);
     let handler_name = LitStr::new(&name.unraw().to_string(), name.span());
 
     // Each argument is extracted by its own type, in order; an extractor's refusal is the response
@@ -113,9 +114,12 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
             #req,
             #payload,
             {
+                // Every field is written out: a `..base` whose `HeaderName` were replaced would have
+                // to be dropped at compile time, which a `static` cannot do.
                 static #spec: ::idem::__private::HandlerSpec = ::idem::__private::HandlerSpec {
+                    handler: #handler_name,
+                    header: #key_header,
                     #spec_fields
-                    ..::idem::__private::HandlerSpec::new(#handler_name)
                 };
                 &#spec
             },
@@ -139,44 +143,51 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
     }
 }
 
-/// The `HandlerSpec` fields the arguments set; the rest come from `HandlerSpec::new`.
+/// The key header: `HeaderName::from_static` (a `const fn`) takes the lower-case name, which the
+/// parser checked is a valid header name; the spelling is kept for messages.
+fn key_header(args: &Args) -> TokenStream {
+    match &args.header {
+        Some(header) => {
+            let lower = LitStr::new(&header.value().to_ascii_lowercase(), header.span());
+            let spelled = LitStr::new(&header.value(), header.span());
+            quote!(::idem::__private::KeyHeader::new(#lower, #spelled))
+        }
+        None => quote!(::idem::__private::KeyHeader::DEFAULT),
+    }
+}
+
+/// The `HandlerSpec` fields the arguments set, and the defaults of the others.
 fn spec_fields(args: &Args) -> TokenStream {
-    let duration = |ms: u64| {
-        quote!(::core::option::Option::Some(
+    let duration = |value: Option<u64>| match value {
+        Some(ms) => quote!(::core::option::Option::Some(
             ::idem::__private::Duration::from_millis(#ms)
-        ))
+        )),
+        None => quote!(::core::option::Option::None),
     };
-    let mut fields = TokenStream::new();
-    if let Some(ttl) = &args.ttl {
-        let value = duration(ttl.value);
-        fields.extend(quote!(ttl: #value,));
+    let ttl = duration(args.ttl.as_ref().map(|d| d.value));
+    let lease = duration(args.lease.as_ref().map(|d| d.value));
+    let in_flight_wait = duration(args.wait.as_ref().map(|d| d.value));
+    let require_key = args.require_key.is_some();
+    let fail_open = args.fail_open.is_some();
+    let server_errors = if args.store_server_errors.is_some() {
+        quote!(::idem::__private::ServerErrors::Store)
+    } else {
+        quote!(::idem::__private::ServerErrors::Release)
+    };
+    let max_body = match &args.max_body {
+        Some(max_body) => {
+            let value = Literal::u64_unsuffixed(max_body.value);
+            quote_spanned!(max_body.span=> ::core::option::Option::Some(#value))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    quote! {
+        ttl: #ttl,
+        lease: #lease,
+        require_key: #require_key,
+        in_flight_wait: #in_flight_wait,
+        fail_open: #fail_open,
+        server_errors: #server_errors,
+        max_body: #max_body,
     }
-    if let Some(lease) = &args.lease {
-        let value = duration(lease.value);
-        fields.extend(quote!(lease: #value,));
-    }
-    if let Some(header) = &args.header {
-        let value = LitStr::new(&header.value(), header.span());
-        fields.extend(quote!(header: ::core::option::Option::Some(#value),));
-    }
-    if args.require_key.is_some() {
-        fields.extend(quote!(require_key: true,));
-    }
-    if let Some(wait) = &args.wait {
-        let value = duration(wait.value);
-        fields.extend(quote!(wait: #value,));
-    }
-    if args.fail_open.is_some() {
-        fields.extend(quote!(fail_open: true,));
-    }
-    if args.store_server_errors.is_some() {
-        fields.extend(quote!(server_errors: ::idem::__private::ServerErrors::Store,));
-    }
-    if let Some(max_body) = &args.max_body {
-        let value = Literal::u64_unsuffixed(max_body.value);
-        fields.extend(
-            quote_spanned!(max_body.span=> max_body: ::core::option::Option::Some(#value),),
-        );
-    }
-    fields
 }

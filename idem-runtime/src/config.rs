@@ -1,22 +1,10 @@
-//! The app-wide configuration: the store, defaults, and the scope resolver.
+//! The app-wide configuration: the store, the defaults, and the scope resolver.
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use actix_web::HttpRequest;
 
 use crate::{scope::ScopeId, store::Store};
-
-/// The default record retention.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The default in-flight lease. It is renewed while the handler runs, so it bounds only how long a
-/// crashed request blocks its key.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// The default request body limit for fingerprinting.
-pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
-/// The default largest response that is stored for replay.
-pub const DEFAULT_MAX_RESPONSE: usize = 1024 * 1024;
-/// The default `Retry-After` of a 503 when the store is unavailable.
-pub const DEFAULT_UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send + Sync;
 
@@ -34,11 +22,17 @@ type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send
 ///     });
 /// let app = actix_web::App::new().app_data(idem);
 /// ```
+///
+/// Every setter checks its value where it is set: a value out of range is a programming error and
+/// panics there (see each setter's `# Panics`), not on the first request.
 #[derive(Clone)]
 pub struct Idempotency {
     pub(crate) inner: Arc<Settings>,
 }
 
+/// The settings behind an [`Idempotency`]. `Clone`, so that a setter on a shared configuration
+/// copies every field, including ones added later.
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) lease: Duration,
@@ -50,6 +44,22 @@ pub(crate) struct Settings {
 }
 
 impl Idempotency {
+    /// The default record retention: 24 h.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+    /// The default in-flight lease: 30 s. It is renewed while the handler runs, so it bounds only
+    /// how long a crashed request blocks its key.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// The longest record retention: 365 days.
+    pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    /// The longest in-flight lease: 24 h.
+    pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
+    /// The default request body limit for fingerprinting: 1 MiB.
+    pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+    /// The default largest response stored for replay: 1 MiB.
+    pub const DEFAULT_MAX_RESPONSE: usize = 1024 * 1024;
+    /// The default `Retry-After` of a 503 when the store is unavailable: 1 s.
+    pub const DEFAULT_UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
     /// A configuration over `store` with the defaults.
     pub fn new(store: impl Store) -> Self {
         Self::from_arc(Arc::new(store))
@@ -60,46 +70,56 @@ impl Idempotency {
         Self {
             inner: Arc::new(Settings {
                 store,
-                lease: DEFAULT_LEASE,
-                ttl: DEFAULT_TTL,
-                max_body: DEFAULT_MAX_BODY,
-                max_response: DEFAULT_MAX_RESPONSE,
-                unavailable_retry_after: DEFAULT_UNAVAILABLE_RETRY_AFTER,
+                lease: Self::DEFAULT_LEASE,
+                ttl: Self::DEFAULT_TTL,
+                max_body: Self::DEFAULT_MAX_BODY,
+                max_response: Self::DEFAULT_MAX_RESPONSE,
+                unavailable_retry_after: Self::DEFAULT_UNAVAILABLE_RETRY_AFTER,
                 resolver: None,
             }),
         }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(settings) => f(settings),
-            None => {
-                let s = &*self.inner;
-                let mut copy = Settings {
-                    store: Arc::clone(&s.store),
-                    lease: s.lease,
-                    ttl: s.ttl,
-                    max_body: s.max_body,
-                    max_response: s.max_response,
-                    unavailable_retry_after: s.unavailable_retry_after,
-                    resolver: s.resolver.clone(),
-                };
-                f(&mut copy);
-                self.inner = Arc::new(copy);
-            }
-        }
+        f(Arc::make_mut(&mut self.inner));
         self
     }
 
     /// The default in-flight lease for handlers that set none (default 30 s).
+    ///
+    /// # Panics
+    ///
+    /// When `lease` is zero, longer than [`MAX_LEASE`](Self::MAX_LEASE), or not shorter than the
+    /// configured [`ttl`](Self::ttl) (set the lease first when you shorten both).
     #[must_use]
+    #[track_caller]
     pub fn lease(self, lease: Duration) -> Self {
+        check_range("lease", lease, Self::MAX_LEASE);
+        assert!(
+            lease < self.inner.ttl,
+            "Idempotency::lease({lease:?}) must be shorter than the ttl ({:?}): the lease bounds \
+             how long a crashed request blocks its key, the ttl how long its response is kept",
+            self.inner.ttl
+        );
         self.edit(|s| s.lease = lease)
     }
 
     /// The default record retention for handlers that set none (default 24 h).
+    ///
+    /// # Panics
+    ///
+    /// When `ttl` is zero, longer than [`MAX_TTL`](Self::MAX_TTL), or not longer than the
+    /// configured [`lease`](Self::lease) (shorten the lease first).
     #[must_use]
+    #[track_caller]
     pub fn ttl(self, ttl: Duration) -> Self {
+        check_range("ttl", ttl, Self::MAX_TTL);
+        assert!(
+            ttl > self.inner.lease,
+            "Idempotency::ttl({ttl:?}) must be longer than the lease ({:?}): call \
+             `.lease(..)` with a shorter lease first",
+            self.inner.lease
+        );
         self.edit(|s| s.ttl = ttl)
     }
 
@@ -116,9 +136,20 @@ impl Idempotency {
         self.edit(|s| s.max_response = bytes)
     }
 
-    /// The `Retry-After` sent with a 503 when the store is unavailable (default 1 s).
+    /// The `Retry-After` sent with a 503 when the store is unavailable (default 1 s; sent in whole
+    /// seconds, rounded up).
+    ///
+    /// # Panics
+    ///
+    /// When `after` is longer than [`MAX_LEASE`](Self::MAX_LEASE).
     #[must_use]
+    #[track_caller]
     pub fn unavailable_retry_after(self, after: Duration) -> Self {
+        assert!(
+            after <= Self::MAX_LEASE,
+            "Idempotency::unavailable_retry_after({after:?}) is longer than {:?}",
+            Self::MAX_LEASE
+        );
         self.edit(|s| s.unavailable_retry_after = after)
     }
 
@@ -137,14 +168,26 @@ impl Idempotency {
         &self.inner.store
     }
 
-    /// Finds the configuration registered on the app, as `app_data(Idempotency)` or
+    /// The configuration registered on the app, as `app_data(Idempotency)` or
     /// `app_data(web::Data<Idempotency>)`.
-    pub fn from_request(req: &HttpRequest) -> Option<Self> {
+    pub(crate) fn registered(req: &HttpRequest) -> Option<Self> {
         req.app_data::<Self>().cloned().or_else(|| {
             req.app_data::<actix_web::web::Data<Self>>()
                 .map(|d| Self::clone(d))
         })
     }
+}
+
+#[track_caller]
+fn check_range(what: &str, value: Duration, max: Duration) {
+    assert!(
+        !value.is_zero(),
+        "Idempotency::{what}: a zero duration is not a {what}"
+    );
+    assert!(
+        value <= max,
+        "Idempotency::{what}({value:?}) is longer than the longest allowed, {max:?}"
+    );
 }
 
 impl fmt::Debug for Idempotency {
@@ -158,5 +201,56 @@ impl fmt::Debug for Idempotency {
             .field("unavailable_retry_after", &s.unavailable_retry_after)
             .field("scope_resolver", &s.resolver.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::catch_unwind;
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn idem() -> Idempotency {
+        Idempotency::new(MemoryStore::new())
+    }
+
+    #[test]
+    fn durations_are_checked_where_they_are_set() {
+        let set = |f: fn(Idempotency) -> Idempotency| catch_unwind(|| f(idem())).is_ok();
+        assert!(set(|i| i.ttl(Duration::from_secs(3600))));
+        assert!(set(|i| i
+            .lease(Duration::from_secs(5))
+            .ttl(Duration::from_secs(10))));
+        assert!(!set(|i| i.ttl(Duration::ZERO)));
+        assert!(!set(|i| i.ttl(Duration::MAX)));
+        assert!(!set(
+            |i| i.ttl(Idempotency::MAX_TTL + Duration::from_millis(1))
+        ));
+        assert!(set(|i| i.ttl(Idempotency::MAX_TTL)));
+        assert!(!set(|i| i.lease(Duration::ZERO)));
+        assert!(!set(|i| i.lease(Duration::from_secs(2 * 24 * 3600))));
+        // The default lease is 30 s: a ttl at or below it is refused, whichever is set.
+        assert!(!set(|i| i.ttl(Duration::from_secs(30))));
+        assert!(!set(|i| i
+            .ttl(Duration::from_secs(600))
+            .lease(Duration::from_secs(600))));
+        assert!(!set(|i| i.unavailable_retry_after(Duration::MAX)));
+    }
+
+    #[test]
+    fn a_setter_on_a_shared_configuration_keeps_every_other_field() {
+        let base = idem()
+            .max_body(7)
+            .max_response(9)
+            .scope_resolver(|_| Ok(ScopeId::new("x")));
+        let shared = base.clone();
+        let edited = shared.ttl(Duration::from_secs(60));
+        assert!(!Arc::ptr_eq(&base.inner, &edited.inner));
+        assert_eq!(edited.inner.max_body, 7);
+        assert_eq!(edited.inner.max_response, 9);
+        assert!(edited.inner.resolver.is_some());
+        assert_eq!(edited.inner.ttl, Duration::from_secs(60));
+        assert_eq!(base.inner.ttl, Idempotency::DEFAULT_TTL);
     }
 }

@@ -10,15 +10,15 @@ use std::fmt;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// The longest key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 255;
+pub(crate) const MAX_KEY_LEN: usize = 255;
 
 /// A validated idempotency key, as the client meant it (quotes and escapes removed).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
+pub(crate) struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     /// The key as a string.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
@@ -28,7 +28,7 @@ impl IdempotencyKey {
     ///
     /// Returns a [`KeyError`] naming what is wrong: empty, too long, a character outside visible
     /// ASCII, or a malformed quoted string.
-    pub fn parse(raw: &[u8]) -> Result<Self, KeyError> {
+    pub(crate) fn parse(raw: &[u8]) -> Result<Self, KeyError> {
         let raw = trim_ows(raw);
         let key = if raw.first() == Some(&b'"') {
             unquote(raw)?
@@ -57,7 +57,10 @@ impl IdempotencyKey {
     ///
     /// [`KeyError::MultipleHeaders`] when the header appears more than once, or the error of
     /// [`IdempotencyKey::parse`] for its value.
-    pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, KeyError> {
+    pub(crate) fn from_headers(
+        headers: &HeaderMap,
+        name: &HeaderName,
+    ) -> Result<Option<Self>, KeyError> {
         let mut values = headers.get_all(name);
         let Some(first) = values.next() else {
             return Ok(None);
@@ -73,7 +76,7 @@ impl IdempotencyKey {
     /// # Errors
     ///
     /// As [`IdempotencyKey::parse`].
-    pub fn from_header_value(value: &HeaderValue) -> Result<Self, KeyError> {
+    pub(crate) fn from_header_value(value: &HeaderValue) -> Result<Self, KeyError> {
         Self::parse(value.as_bytes())
     }
 }
@@ -93,10 +96,7 @@ impl fmt::Display for IdempotencyKey {
 /// Why an `Idempotency-Key` header was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum KeyError {
-    /// The header is required and absent.
-    #[error("the idempotency key header is missing")]
-    Missing,
+pub(crate) enum KeyError {
     /// The header appears on more than one line.
     #[error("the idempotency key header appears more than once")]
     MultipleHeaders,

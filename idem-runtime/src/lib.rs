@@ -1,34 +1,55 @@
 //! The runtime of [idem](https://docs.rs/idem): everything `#[idempotent]` runs.
 //!
-//! Most users depend on the `idem` facade and never name this crate. It holds:
+//! Most users depend on the `idem` facade, which re-exports this crate's public items, and never
+//! name this crate.
 //!
-//! - [`key`]: parsing the `Idempotency-Key` header (quoted or bare);
-//! - [`scope`]: who is asking, and the record address derived from (scope, key);
-//! - [`fingerprint`]: the SHA-256 request fingerprint;
-//! - [`record`]: stored responses and their versioned encoding;
-//! - [`protocol`] and [`policy`]: what a claim answers and which outcomes are stored, as plain
-//!   functions;
-//! - [`store`]: the [`Store`] trait, [`MemoryStore`] and [`RedisStore`];
-//! - [`problem`]: the `application/problem+json` errors;
-//! - [`Idempotency`]: the app-wide configuration.
+//! # Public surface
+//!
+//! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
+//!   registered with `App::app_data`;
+//! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
+//!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed);
+//! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
+//! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
+//!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
+//!   [`StoredResponse`];
+//! - [`deadpool_redis`] and [`redis`], re-exported so that versions cannot drift.
+//!
+//! Everything else is private. The macro's contract lives in `__private` (no stable API); test
+//! hooks live in `testing`, behind the non-default `testing` feature.
+//!
+//! # Where things are
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | `config` | [`Idempotency`] and its settings, checked where they are set |
+//! | `key`, `scope`, `fingerprint` | the key header, the record address (scope, key), the request fingerprint |
+//! | `record` | stored responses and the versioned binary record encoding |
+//! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
+//! | `lifecycle` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web |
+//! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
+//! | `problem` | the `application/problem+json` errors |
+//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`) |
 //!
 //! # Supported Rust versions
 //!
-//! The minimum supported Rust version is 1.89 (the dependency floor; tested on 1.95).
+//! The minimum supported Rust version is 1.89 (the dependency floor). The repository pins the
+//! toolchain it tests with in `rust-toolchain.toml`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod config;
-pub mod fingerprint;
-pub mod http;
-pub mod key;
-pub mod policy;
-pub mod problem;
-pub mod protocol;
-pub mod record;
-pub mod scope;
-pub mod store;
+mod config;
+mod fingerprint;
+mod http;
+mod key;
+mod lifecycle;
+mod policy;
+mod problem;
+mod protocol;
+mod record;
+mod scope;
+mod store;
 
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
@@ -36,14 +57,17 @@ pub use deadpool_redis::redis;
 pub use crate::{
     config::Idempotency,
     fingerprint::Fingerprint,
-    key::{IdempotencyKey, KeyError},
-    policy::ServerErrors,
-    problem::Problem,
     protocol::Claim,
-    record::StoredResponse,
+    record::{OwnerToken, StoredResponse},
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
-    store::RedisClusterStore,
-    store::{MemoryStore, Ownership, RedisStore, Store, StoreError, Ticket},
+    store::{
+        memory::MemoryStore,
+        redis::{
+            NotReplicated, RedisClusterStore, RedisClusterStoreBuilder, RedisStore,
+            RedisStoreBuilder,
+        },
+        Ownership, Store, StoreError, Ticket,
+    },
 };
 
 /// Not public API: the items the `#[idempotent]` expansion names. Anything here may change in any
@@ -53,6 +77,12 @@ pub mod __private {
     pub use actix_web;
     pub use core::time::Duration;
 
-    pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec};
+    pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec, KeyHeader};
     pub use crate::policy::ServerErrors;
 }
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[cfg(test)]
+mod properties;

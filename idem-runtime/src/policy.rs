@@ -4,7 +4,7 @@ use actix_web::http::StatusCode;
 
 /// What happens to a key once the handler has answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Store the response; every retry replays it.
     Store,
     /// Delete the record; a retry runs the handler again.
@@ -23,10 +23,10 @@ pub enum ServerErrors {
     Store,
 }
 
-/// The default policy of DESIGN.md step 6: 1xx is never stored (not a final answer), 2xx, 3xx and
+/// The default policy: 1xx is never stored (not a final answer), 2xx, 3xx and
 /// 4xx are stored, except 408 (Request Timeout) and 429 (Too Many Requests), which say "try again";
 /// 5xx follows `server_errors`.
-pub fn disposition(status: StatusCode, server_errors: ServerErrors) -> Disposition {
+pub(crate) fn disposition(status: StatusCode, server_errors: ServerErrors) -> Disposition {
     match status.as_u16() {
         100..=199 | 408 | 429 => Disposition::Release,
         500..=599 => match server_errors {
@@ -35,11 +35,6 @@ pub fn disposition(status: StatusCode, server_errors: ServerErrors) -> Dispositi
         },
         _ => Disposition::Store,
     }
-}
-
-/// A handler that panicked stored nothing: its key is always released.
-pub const fn on_panic() -> Disposition {
-    Disposition::Release
 }
 
 #[cfg(test)]
@@ -81,10 +76,5 @@ mod tests {
     #[test]
     fn informational_is_never_final() {
         assert_eq!(d(100, ServerErrors::Store), Disposition::Release);
-    }
-
-    #[test]
-    fn panics_release() {
-        assert_eq!(on_panic(), Disposition::Release);
     }
 }

@@ -14,26 +14,26 @@ use serde::Serialize;
 use crate::key::KeyError;
 
 /// The base of every problem `type` URI.
-pub const TYPE_BASE: &str = "https://idem.dev/problems/";
+pub(crate) const TYPE_BASE: &str = "https://idem.dev/problems/";
 
 /// The errors idem answers with, each with a stable `type` URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Problem {
+pub(crate) enum Problem {
     /// 400: the handler requires a key and none was sent.
     MissingKey {
         /// The header name.
-        header: String,
+        header: &'static str,
     },
     /// 400: the key header is malformed.
     InvalidKey {
         /// What is wrong.
         reason: KeyError,
         /// The header name.
-        header: String,
+        header: &'static str,
     },
     /// 422: the key was used for a different request.
-    Mismatch,
+    KeyReused,
     /// 409: the first request with this key is still running.
     InFlight {
         /// When to retry.
@@ -66,11 +66,11 @@ struct Body<'a> {
 
 impl Problem {
     /// The last segment of the problem's `type` URI.
-    pub fn slug(&self) -> &'static str {
+    pub(crate) fn slug(&self) -> &'static str {
         match self {
             Self::MissingKey { .. } => "missing-key",
             Self::InvalidKey { .. } => "invalid-key",
-            Self::Mismatch => "key-reused",
+            Self::KeyReused => "key-reused",
             Self::InFlight { .. } => "in-flight",
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::BodyTooLarge { .. } => "body-too-large",
@@ -80,17 +80,17 @@ impl Problem {
     }
 
     /// The full `type` URI.
-    pub fn type_uri(&self) -> String {
+    pub(crate) fn type_uri(&self) -> String {
         format!("{TYPE_BASE}{}", self.slug())
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::MissingKey { .. } | Self::InvalidKey { .. } | Self::BadBody => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -102,7 +102,7 @@ impl Problem {
         match self {
             Self::MissingKey { .. } => "Idempotency key missing",
             Self::InvalidKey { .. } => "Idempotency key invalid",
-            Self::Mismatch => "Idempotency key reused for a different request",
+            Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight { .. } => "Request with this idempotency key in progress",
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::BodyTooLarge { .. } => "Request body too large",
@@ -119,7 +119,7 @@ impl Problem {
             Self::InvalidKey { reason, header } => format!(
                 "The `{header}` header is invalid: {reason}. A key is 1 to 255 visible ASCII characters, bare or as a quoted string."
             ),
-            Self::Mismatch => "This idempotency key was already used with a different request (method, path, query or body). Use a new key for a new request.".to_owned(),
+            Self::KeyReused => "This idempotency key was already used with a different request (method, path, query or body). Use a new key for a new request.".to_owned(),
             Self::InFlight { .. } => "A request with this idempotency key is still being processed. Retry after the time in `Retry-After`.".to_owned(),
             Self::StoreUnavailable { .. } => "The request was not processed because its idempotency could not be guaranteed. Retry after the time in `Retry-After`.".to_owned(),
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
@@ -129,7 +129,7 @@ impl Problem {
     }
 
     /// The `Retry-After` the problem carries, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::InFlight { retry_after } | Self::StoreUnavailable { retry_after } => {
                 Some(*retry_after)
@@ -139,7 +139,7 @@ impl Problem {
     }
 
     /// Renders the problem.
-    pub fn to_response(&self) -> HttpResponse {
+    pub(crate) fn to_response(&self) -> HttpResponse {
         let status = self.status();
         let body = Body {
             kind: self.type_uri(),
@@ -161,7 +161,7 @@ impl Problem {
 }
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }
@@ -192,7 +192,7 @@ mod tests {
         let cases = [
             (
                 Problem::MissingKey {
-                    header: "Idempotency-Key".into(),
+                    header: "Idempotency-Key",
                 },
                 400,
                 "missing-key",
@@ -200,12 +200,12 @@ mod tests {
             (
                 Problem::InvalidKey {
                     reason: KeyError::Empty,
-                    header: "Idempotency-Key".into(),
+                    header: "Idempotency-Key",
                 },
                 400,
                 "invalid-key",
             ),
-            (Problem::Mismatch, 422, "key-reused"),
+            (Problem::KeyReused, 422, "key-reused"),
             (
                 Problem::InFlight {
                     retry_after: Duration::from_millis(1200),

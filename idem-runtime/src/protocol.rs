@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::{
-    fingerprint::Fingerprint,
     record::{Record, StoredResponse},
+    store::Ticket,
 };
 
 /// What a claim answered.
@@ -26,16 +26,19 @@ pub enum Claim {
     },
 }
 
-/// Decides what a claim that found `existing` answers to a request with `fingerprint`.
+/// Decides what a claim by `ticket` that found `existing` answers.
 ///
 /// A different fingerprint wins over every state (422 before 409), so a client that reuses a key for
-/// another request learns of its mistake at once.
-pub fn classify(existing: Record, fingerprint: &Fingerprint, lease_remaining: Duration) -> Claim {
-    if existing.fingerprint() != fingerprint {
+/// another request learns of its mistake at once. A pending record that holds the ticket's own
+/// token is the ticket's own claim, written by an earlier attempt of the same call whose answer
+/// was lost (a broken connection): it is still `Acquired`.
+pub(crate) fn classify(existing: Record, ticket: &Ticket, lease_remaining: Duration) -> Claim {
+    if existing.fingerprint() != ticket.fingerprint() {
         return Claim::Mismatch;
     }
     match existing {
         Record::Completed { response, .. } => Claim::Replay(response),
+        Record::Pending { token, .. } if token == *ticket.token() => Claim::Acquired,
         Record::Pending { .. } => Claim::InFlight {
             retry_after: lease_remaining,
         },
@@ -48,10 +51,14 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::record::OwnerToken;
+    use crate::{fingerprint::Fingerprint, record::OwnerToken, scope::RecordKey};
 
     fn fp(body: &[u8]) -> Fingerprint {
         Fingerprint::compute("POST", "/p", "", body)
+    }
+
+    fn ticket(body: &[u8]) -> Ticket {
+        Ticket::new(RecordKey::from_bytes([1; 32]), fp(body))
     }
 
     fn completed(body: &[u8]) -> Record {
@@ -74,7 +81,7 @@ mod tests {
 
     #[test]
     fn same_fingerprint_completed_replays() {
-        match classify(completed(b"a"), &fp(b"a"), Duration::ZERO) {
+        match classify(completed(b"a"), &ticket(b"a"), Duration::ZERO) {
             Claim::Replay(r) => assert_eq!(r.body, Bytes::from_static(b"done")),
             other => panic!("expected replay, got {other:?}"),
         }
@@ -83,7 +90,7 @@ mod tests {
     #[test]
     fn same_fingerprint_pending_is_in_flight_with_the_remaining_lease() {
         assert_eq!(
-            classify(pending(b"a"), &fp(b"a"), Duration::from_millis(1500)),
+            classify(pending(b"a"), &ticket(b"a"), Duration::from_millis(1500)),
             Claim::InFlight {
                 retry_after: Duration::from_millis(1500)
             }
@@ -93,12 +100,25 @@ mod tests {
     #[test]
     fn mismatch_wins_over_every_state() {
         assert_eq!(
-            classify(completed(b"a"), &fp(b"b"), Duration::ZERO),
+            classify(completed(b"a"), &ticket(b"b"), Duration::ZERO),
             Claim::Mismatch
         );
         assert_eq!(
-            classify(pending(b"a"), &fp(b"b"), Duration::from_secs(5)),
+            classify(pending(b"a"), &ticket(b"b"), Duration::from_secs(5)),
             Claim::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_pending_record_with_the_tickets_own_token_is_its_own_claim() {
+        let mine = ticket(b"a");
+        let own = Record::Pending {
+            fingerprint: *mine.fingerprint(),
+            token: *mine.token(),
+        };
+        assert_eq!(
+            classify(own, &mine, Duration::from_secs(5)),
+            Claim::Acquired
         );
     }
 }

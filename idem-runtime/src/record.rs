@@ -27,7 +27,7 @@ const KIND_PENDING: u8 = b'P';
 const KIND_COMPLETED: u8 = b'C';
 const HEADER_LEN: usize = 2 + 1 + 1 + 32;
 /// The encoded size of a pending record.
-pub const PENDING_LEN: usize = HEADER_LEN + 16;
+pub(crate) const PENDING_LEN: usize = HEADER_LEN + 16;
 
 /// A random secret naming the request that holds a record's lease.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,7 +35,7 @@ pub struct OwnerToken([u8; 16]);
 
 impl OwnerToken {
     /// A fresh random token.
-    pub fn random() -> Self {
+    pub(crate) fn random() -> Self {
         Self(rand::random())
     }
 
@@ -99,7 +99,7 @@ impl fmt::Debug for StoredResponse {
 /// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, `Date` describes one moment,
 /// `Set-Cookie` may carry a session that must not be handed out twice, and the framing headers
 /// (`Content-Length`, `Transfer-Encoding`) are recomputed from the replayed body.
-pub fn is_replayed_header(name: &HeaderName) -> bool {
+pub(crate) fn is_replayed_header(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
         "connection"
@@ -119,7 +119,7 @@ pub fn is_replayed_header(name: &HeaderName) -> bool {
 
 /// One record as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
+pub(crate) enum Record {
     /// A request holds the lease and is running the handler.
     Pending {
         /// The first request's fingerprint.
@@ -138,7 +138,7 @@ pub enum Record {
 
 impl Record {
     /// The fingerprint of the request that created the record.
-    pub fn fingerprint(&self) -> &Fingerprint {
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
         match self {
             Self::Pending { fingerprint, .. } | Self::Completed { fingerprint, .. } => fingerprint,
         }
@@ -150,7 +150,8 @@ impl Record {
     ///
     /// [`EncodeError`] when the response has more than 65535 headers, a header name longer than
     /// 65535 bytes or a header value longer than 4 GiB.
-    pub fn encode(&self) -> Result<Bytes, EncodeError> {
+    #[cfg(test)]
+    pub(crate) fn encode(&self) -> Result<Bytes, EncodeError> {
         match self {
             Self::Pending { fingerprint, token } => Ok(encode_pending(fingerprint, token)),
             Self::Completed {
@@ -165,7 +166,7 @@ impl Record {
     /// # Errors
     ///
     /// [`DecodeError`] for a truncated, foreign or corrupt value.
-    pub fn decode(raw: Bytes) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(raw: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader { buf: raw, pos: 0 };
         if r.take(2)? != MAGIC.as_slice() {
             return Err(DecodeError::NotARecord);
@@ -216,7 +217,7 @@ impl Record {
 }
 
 /// The encoding of a pending record: also the exact bytes the owner compares against in the store.
-pub fn encode_pending(fingerprint: &Fingerprint, token: &OwnerToken) -> Bytes {
+pub(crate) fn encode_pending(fingerprint: &Fingerprint, token: &OwnerToken) -> Bytes {
     let mut buf = BytesMut::with_capacity(PENDING_LEN);
     put_header(&mut buf, KIND_PENDING, fingerprint);
     buf.put_slice(token.as_bytes());
@@ -228,7 +229,7 @@ pub fn encode_pending(fingerprint: &Fingerprint, token: &OwnerToken) -> Bytes {
 /// # Errors
 ///
 /// As [`Record::encode`].
-pub fn encode_completed(
+pub(crate) fn encode_completed(
     fingerprint: &Fingerprint,
     response: &StoredResponse,
 ) -> Result<Bytes, EncodeError> {

@@ -17,8 +17,7 @@ use bytes::Bytes;
 use idem_runtime::{
     deadpool_redis,
     redis::{self, aio::MultiplexedConnection, AsyncCommands as _},
-    store::{Ownership, Store, Ticket},
-    Claim, RedisClusterStore, StoreError, StoredResponse,
+    testing, Claim, Ownership, RedisClusterStore, Store, StoreError, StoredResponse, Ticket,
 };
 use idem_testkit::{
     cluster::{key_slot, RedisCluster},
@@ -135,7 +134,7 @@ async fn cluster_harness() -> Harness {
         .expect("cluster connection");
     let (write_raw, write_foreign_type) = suite::redis_writers(direct, {
         let store = store.clone();
-        move |t: &Ticket| store.redis_key(t)
+        move |t: &Ticket| testing::cluster_key_of(&store, t)
     });
     Harness {
         store: Arc::new(store),
@@ -193,7 +192,7 @@ const TTL: Duration = Duration::from_secs(600);
 /// after `SCRIPT FLUSH`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_is_one_slot_and_scripts_reach_every_master() {
-    for (name, source) in RedisClusterStore::lua_scripts() {
+    for (name, source) in testing::lua_scripts() {
         let mut rest = source;
         while let Some(at) = rest.find("KEYS[") {
             assert!(
@@ -475,7 +474,7 @@ async fn resharding_under_traffic_keeps_exactly_once() {
     let mut i = 0;
     while keys.len() < 300 {
         let t = key_ticket("reshard", i);
-        let slot = key_slot(key_name.redis_key(&t).as_bytes());
+        let slot = key_slot(testing::cluster_key_of(&key_name, &t).as_bytes());
         if owned_by_from(slot) && keys.len() - others < 240 {
             keys.push((i, t));
         } else if !owned_by_from(slot) && others < 60 {
@@ -486,14 +485,16 @@ async fn resharding_under_traffic_keeps_exactly_once() {
     }
     let mut migrating: Vec<u16> = keys
         .iter()
-        .map(|(_, t)| key_slot(key_name.redis_key(t).as_bytes()))
+        .map(|(_, t)| key_slot(testing::cluster_key_of(&key_name, t).as_bytes()))
         .filter(|&s| owned_by_from(s))
         .take(30)
         .collect();
     migrating.sort_unstable();
     migrating.dedup();
     // Put the keys of migrating slots first, so their first claims meet the migration.
-    keys.sort_by_key(|(_, t)| !migrating.contains(&key_slot(key_name.redis_key(t).as_bytes())));
+    keys.sort_by_key(|(_, t)| {
+        !migrating.contains(&key_slot(testing::cluster_key_of(&key_name, t).as_bytes()))
+    });
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let plan = ClientPlan {
@@ -580,7 +581,9 @@ async fn resharding_under_traffic_keeps_exactly_once() {
     assert!(replays > 0);
     let moved_keys = keys
         .iter()
-        .filter(|(_, t)| migrating.contains(&key_slot(key_name.redis_key(t).as_bytes())))
+        .filter(|(_, t)| {
+            migrating.contains(&key_slot(testing::cluster_key_of(&key_name, t).as_bytes()))
+        })
         .count();
     let (asks, moves, asking) = admin({
         let c = Arc::clone(&cluster);
@@ -604,7 +607,7 @@ async fn resharding_under_traffic_keeps_exactly_once() {
     // The migrated records are on the new master.
     let mut conn = node_conn(to).await;
     for (_, t) in &keys {
-        let key = key_name.redis_key(t);
+        let key = testing::cluster_key_of(&key_name, t);
         if migrating.contains(&key_slot(key.as_bytes())) {
             let exists: bool = conn.exists(&key).await.expect("EXISTS");
             assert!(exists, "{key} was not migrated");
@@ -648,7 +651,7 @@ async fn failover(wait: bool, lag: bool) -> Failover {
     let keys: Vec<(usize, Ticket)> = (0..300).map(|i| (i, key_ticket("failover", i))).collect();
     let key_slots: HashMap<usize, u16> = keys
         .iter()
-        .map(|(i, t)| (*i, key_slot(namer.redis_key(t).as_bytes())))
+        .map(|(i, t)| (*i, key_slot(testing::cluster_key_of(&namer, t).as_bytes())))
         .collect();
     let victim_slot = key_slots[&0];
 
@@ -1093,7 +1096,7 @@ async fn an_unconfirmed_claim_is_an_error_and_frees_its_key() {
         .wait_for_replicas(1, wait)
         .build();
     let t = key_ticket("unconfirmed", 0);
-    let slot = key_slot(store.redis_key(&t).as_bytes());
+    let slot = key_slot(testing::cluster_key_of(&store, &t).as_bytes());
     // Both lanes connected before a node hangs (connecting to a frozen node takes redis-rs's
     // 1 s connection timeout).
     for i in 1..=4 {
@@ -1129,7 +1132,7 @@ async fn an_unconfirmed_claim_is_an_error_and_frees_its_key() {
         panic!("{err:?}");
     };
     let not_replicated = source
-        .downcast_ref::<idem_runtime::store::NotReplicated>()
+        .downcast_ref::<idem_runtime::NotReplicated>()
         .unwrap_or_else(|| panic!("{err:?}"));
     assert_eq!((not_replicated.wanted(), not_replicated.acked()), (1, 0));
     assert!(took >= wait && took < wait * 2, "took {took:?}");

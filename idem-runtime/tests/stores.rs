@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use idem_runtime::{
     redis::{self, AsyncCommands as _},
-    store::Ticket,
-    MemoryStore, RedisStore,
+    testing, MemoryStore, RedisStore, Ticket,
 };
 use idem_testkit::RedisServer;
 use suite::Harness;
@@ -18,8 +17,7 @@ async fn memory() -> Harness {
     Harness {
         store,
         ttls: Box::new(move || {
-            let ttls = inspect
-                .ttls()
+            let ttls = testing::memory_ttls(&inspect)
                 .into_iter()
                 .map(|d| Some(d.as_millis() as u64))
                 .collect();
@@ -48,7 +46,7 @@ async fn redis_harness() -> Harness {
     let ttl_conn = conn.clone();
     let (write_raw, write_foreign_type) = suite::redis_writers(conn, {
         let store = store.clone();
-        move |t: &Ticket| store.redis_key(t)
+        move |t: &Ticket| testing::redis_key_of(&store, t)
     });
     Harness {
         store: Arc::new(store),
@@ -77,7 +75,7 @@ suite!(redis_store, redis_harness(); corrupt_stored_values_are_errors);
 mod redis_only {
     use std::time::{Duration, Instant};
 
-    use idem_runtime::{store::Store, Claim, RedisStore, StoreError};
+    use idem_runtime::{Claim, RedisStore, Store, StoreError};
     use idem_testkit::{command_stats, RedisServer};
 
     use super::suite::{retry_of, ticket, LEASE};

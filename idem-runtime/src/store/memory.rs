@@ -24,7 +24,7 @@ const SWEEP_EVERY: u32 = 1024;
 /// An in-process store with expiring records.
 ///
 /// Records live in this process only: two app instances do not share them, and a restart forgets
-/// them. Use [`super::RedisStore`] for anything that runs more than one process.
+/// them. Use [`RedisStore`](crate::RedisStore) for anything that runs more than one process.
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
@@ -77,7 +77,8 @@ impl MemoryStore {
     }
 
     /// The time to live of every live record: each record has one, by construction.
-    pub fn ttls(&self) -> Vec<Duration> {
+    #[cfg(feature = "testing")]
+    pub(crate) fn ttls(&self) -> Vec<Duration> {
         let now = Instant::now();
         self.shards
             .iter()
@@ -141,7 +142,7 @@ impl Store for MemoryStore {
             if entry.expires_at > now {
                 return Ok(classify(
                     entry.record.clone(),
-                    ticket.fingerprint(),
+                    ticket,
                     entry.expires_at - now,
                 ));
             }

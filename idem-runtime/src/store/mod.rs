@@ -1,7 +1,9 @@
-//! The store trait and its backends.
+//! The [`Store`] trait, what its calls take and answer, and its backends: [`memory`] and
+//! [`redis`] (single server and cluster), siblings of each other.
 //!
 //! Every backend gives the same answers for the same calls; one behavioural suite
-//! (`idem-runtime/tests/store_suite.rs`) runs against each.
+//! (`idem-runtime/tests/suite`, driven by `tests/stores.rs` and `tests/cluster.rs`) runs against
+//! each.
 
 use std::{fmt, time::Duration};
 
@@ -15,15 +17,8 @@ use crate::{
     scope::RecordKey,
 };
 
-mod cluster;
-mod memory;
-mod redis;
-
-pub use self::cluster::{NotReplicated, RedisClusterStore, RedisClusterStoreBuilder};
-pub use self::memory::MemoryStore;
-pub use self::redis::{
-    RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
-};
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 /// One request's claim on a record: the record's address, the request's fingerprint and the owner
 /// token that fences every later write.
@@ -37,12 +32,12 @@ pub struct Ticket {
 
 impl Ticket {
     /// A ticket with a fresh random owner token.
-    pub fn new(key: RecordKey, fingerprint: Fingerprint) -> Self {
+    pub(crate) fn new(key: RecordKey, fingerprint: Fingerprint) -> Self {
         Self::with_token(key, fingerprint, OwnerToken::random())
     }
 
     /// A ticket with a given owner token (tests use it to play a stale owner).
-    pub fn with_token(key: RecordKey, fingerprint: Fingerprint, token: OwnerToken) -> Self {
+    pub(crate) fn with_token(key: RecordKey, fingerprint: Fingerprint, token: OwnerToken) -> Self {
         let pending = encode_pending(&fingerprint, &token);
         Self {
             key,
@@ -106,13 +101,25 @@ pub enum StoreError {
     Timeout(Duration),
     /// The store holds a value under the record's key that is not a valid record.
     #[error("the stored record is corrupt: {0}")]
-    Corrupt(#[from] DecodeError),
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The response cannot be encoded for storage.
     #[error("the response cannot be stored: {0}")]
-    Encode(#[from] EncodeError),
+    Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store answered something the protocol does not allow.
     #[error("the idempotency store answered unexpectedly: {0}")]
     Protocol(String),
+}
+
+impl From<DecodeError> for StoreError {
+    fn from(err: DecodeError) -> Self {
+        Self::Corrupt(Box::new(err))
+    }
+}
+
+impl From<EncodeError> for StoreError {
+    fn from(err: EncodeError) -> Self {
+        Self::Encode(Box::new(err))
+    }
 }
 
 /// A place to keep idempotency records.
@@ -122,7 +129,10 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Claims the record for `ticket`: creates a pending record with a `lease` when none exists, and
-    /// otherwise classifies the existing one (see [`crate::protocol::classify`]).
+    /// otherwise classifies the existing one: a completed record with the ticket's fingerprint is a
+    /// [`Claim::Replay`], a pending one a [`Claim::InFlight`], any record with another fingerprint
+    /// a [`Claim::Mismatch`] (it wins over in-flight). A pending record that holds the ticket's own
+    /// token is [`Claim::Acquired`]: an earlier attempt of this same claim whose answer was lost.
     ///
     /// # Errors
     ///
@@ -154,9 +164,4 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// [`StoreError`] when the store fails.
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError>;
-}
-
-/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry".
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

@@ -7,10 +7,7 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use idem_runtime::{
-    http::IDEMPOTENT_REPLAYED,
-    record::OwnerToken,
-    store::{Ownership, Store, Ticket},
-    Claim, Fingerprint, IdempotencyKey, RecordKey, ScopeId, StoreError, StoredResponse,
+    testing, Claim, OwnerToken, Ownership, Store, StoreError, StoredResponse, Ticket,
 };
 
 use actix_web::http::{
@@ -74,16 +71,15 @@ pub const LEASE: Duration = Duration::from_secs(10);
 pub const TTL: Duration = Duration::from_secs(3600);
 
 pub fn ticket(scope: &str, key: &str, body: &[u8]) -> Ticket {
-    let key = IdempotencyKey::parse(key.as_bytes()).expect("valid key");
-    Ticket::new(
-        RecordKey::new(&ScopeId::new(scope), &key),
-        Fingerprint::compute("POST", "/payments", "", body),
+    testing::ticket(
+        testing::record_key(scope, key),
+        testing::fingerprint("POST", "/payments", "", body),
     )
 }
 
 /// Another request with the same key and body: same record, same fingerprint, new owner token.
 pub fn retry_of(t: &Ticket) -> Ticket {
-    Ticket::new(*t.key(), *t.fingerprint())
+    testing::ticket(*t.key(), *t.fingerprint())
 }
 
 pub fn response(body: &'static [u8]) -> StoredResponse {
@@ -139,7 +135,10 @@ pub async fn completed_records_replay_byte_for_byte(h: Harness) {
         match must_claim(&*h.store, &retry_of(&t), LEASE).await {
             Claim::Replay(stored) => {
                 assert_eq!(stored, resp);
-                assert!(!stored.headers.iter().any(|(n, _)| n == IDEMPOTENT_REPLAYED));
+                assert!(!stored
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n == "idempotent-replayed"));
             }
             other => panic!("expected replay, got {other:?}"),
         }
@@ -177,7 +176,11 @@ pub async fn scopes_do_not_share_records(h: Harness) {
 pub async fn a_stale_owner_can_neither_complete_nor_release(h: Harness) {
     let owner = ticket("alice", "k1", b"{}");
     assert_eq!(must_claim(&*h.store, &owner, LEASE).await, Claim::Acquired);
-    let stale = Ticket::with_token(*owner.key(), *owner.fingerprint(), OwnerToken::random());
+    let stale = testing::ticket_with_token(
+        *owner.key(),
+        *owner.fingerprint(),
+        OwnerToken::from_bytes(rand_token()),
+    );
     assert_eq!(
         h.store
             .complete(&stale, &response(b"stale"), TTL)
@@ -429,4 +432,9 @@ macro_rules! suite {
             }
         )*
     };
+}
+
+/// A random owner token (one that no request holds).
+fn rand_token() -> [u8; 16] {
+    rand::random()
 }

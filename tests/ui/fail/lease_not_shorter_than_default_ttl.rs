@@ -1,7 +1,7 @@
 use actix_web::HttpResponse;
 use idem::idempotent;
 
-#[idempotent(lease = "2d")]
+#[idempotent(lease = "24h")]
 async fn handler() -> HttpResponse {
     HttpResponse::Ok().finish()
 }

@@ -1,15 +1,16 @@
 //! Property tests for what clients and stores hand us: key headers and stored records. Whatever
 //! the bytes, parsing answers `Ok` or a typed error, and never panics.
 
+use crate::{
+    fingerprint::Fingerprint,
+    key::IdempotencyKey,
+    record::{encode_pending, OwnerToken, Record, StoredResponse},
+};
 use actix_web::http::{
     header::{HeaderName, HeaderValue},
     StatusCode,
 };
 use bytes::Bytes;
-use idem_runtime::{
-    record::{encode_pending, OwnerToken, Record},
-    Fingerprint, IdempotencyKey, StoredResponse,
-};
 use proptest::prelude::*;
 
 fn visible_ascii_key() -> impl Strategy<Value = String> {

@@ -50,16 +50,14 @@ use deadpool_redis::{
 };
 
 use super::{
-    millis,
-    redis::{
-        parse_claim, parse_ownership, Lanes, Lua, Scripts, DEFAULT_LANES, DEFAULT_PREFIX,
-        DEFAULT_TIMEOUT,
-    },
-    Ownership, Store, StoreError, Ticket,
+    lanes::Lanes,
+    scripts::{millis, parse_claim, parse_ownership, Arg, Lua, Scripts},
+    KeyFormat, Options,
 };
 use crate::{
     protocol::Claim,
     record::{encode_completed, StoredResponse},
+    store::{Ownership, Store, StoreError, Ticket},
 };
 
 /// A store on a Redis Cluster (or a managed service that speaks the cluster protocol).
@@ -72,7 +70,7 @@ pub struct RedisClusterStore {
 
 struct Inner {
     lanes: Lanes<Pool>,
-    prefix: String,
+    keys: KeyFormat,
     timeout: Duration,
     wait: Option<WaitForReplicas>,
     scripts: Scripts,
@@ -87,7 +85,7 @@ struct WaitForReplicas {
 impl fmt::Debug for RedisClusterStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisClusterStore")
-            .field("prefix", &self.inner.prefix)
+            .field("prefix", &self.inner.keys.prefix())
             .field("timeout", &self.inner.timeout)
             .field("wait_for_replicas", &self.inner.wait)
             .field("lanes", &self.inner.lanes.len())
@@ -99,18 +97,16 @@ impl fmt::Debug for RedisClusterStore {
 /// Configures a [`RedisClusterStore`].
 pub struct RedisClusterStoreBuilder {
     pool: Pool,
-    prefix: String,
-    timeout: Duration,
-    lanes: usize,
+    options: Options,
     wait: Option<WaitForReplicas>,
 }
 
 impl fmt::Debug for RedisClusterStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisClusterStoreBuilder")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("lanes", &self.lanes)
+            .field("prefix", &self.options.keys.prefix())
+            .field("timeout", &self.options.timeout)
+            .field("lanes", &self.options.lanes)
             .field("wait_for_replicas", &self.wait)
             .finish_non_exhaustive()
     }
@@ -122,7 +118,7 @@ impl RedisClusterStoreBuilder {
     /// one slot, on one master.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.options.keys = KeyFormat::new(prefix);
         self
     }
 
@@ -133,7 +129,7 @@ impl RedisClusterStoreBuilder {
     /// on top.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.options.timeout = timeout;
         self
     }
 
@@ -144,7 +140,7 @@ impl RedisClusterStoreBuilder {
     /// connection.
     #[must_use]
     pub fn lanes(mut self, lanes: usize) -> Self {
-        self.lanes = lanes;
+        self.options.lanes = lanes;
         self
     }
 
@@ -194,9 +190,9 @@ impl RedisClusterStoreBuilder {
     pub fn build(self) -> RedisClusterStore {
         RedisClusterStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::new(self.pool, self.lanes),
-                prefix: self.prefix,
-                timeout: self.timeout,
+                lanes: Lanes::new(self.pool, self.options.lanes),
+                keys: self.options.keys,
+                timeout: self.options.timeout,
                 wait: self.wait,
                 scripts: Scripts::new(),
             }),
@@ -209,9 +205,7 @@ impl RedisClusterStore {
     pub fn builder(pool: Pool) -> RedisClusterStoreBuilder {
         RedisClusterStoreBuilder {
             pool,
-            prefix: DEFAULT_PREFIX.to_owned(),
-            timeout: DEFAULT_TIMEOUT,
-            lanes: DEFAULT_LANES,
+            options: Options::default(),
             wait: None,
         }
     }
@@ -228,9 +222,10 @@ impl RedisClusterStore {
         Ok(Self::builder(pool_for(urls)?).build())
     }
 
-    /// The store key of a record: `<prefix>{<hash tag>}`.
-    pub fn redis_key(&self, ticket: &Ticket) -> String {
-        ticket.key().redis_key(&self.inner.prefix)
+    /// The Redis key of the ticket's record (for tests that look at Redis directly).
+    #[cfg(feature = "testing")]
+    pub(crate) fn key_of(&self, ticket: &Ticket) -> String {
+        self.inner.keys.string(ticket.key())
     }
 
     /// The pool behind the store.
@@ -238,45 +233,42 @@ impl RedisClusterStore {
         self.inner.lanes.pool()
     }
 
-    /// The Lua scripts this store (and [`RedisStore`](super::RedisStore)) runs, as `(name,
-    /// source)`: for audits, and for clusters that restrict scripting. Each one names one key,
-    /// `KEYS[1]`.
-    pub fn lua_scripts() -> [(&'static str, &'static str); 4] {
-        Scripts::sources()
-    }
-
     /// Runs `lua` on the master of `key`'s slot, pipelined with `WAIT` when `wait` is set.
     /// Answers the script's value and the number of replicas `WAIT` counted.
     async fn eval(
         &self,
         lua: &Lua,
-        key: &str,
-        args: &[&[u8]],
+        ticket: &Ticket,
+        args: &[Arg<'_>],
         wait: Option<WaitForReplicas>,
     ) -> Result<(Value, Option<Value>), StoreError> {
         let timeout = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w.timeout);
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+        let (evalsha, eval, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            let route = Route::with_key(key, SlotAddr::Master);
+            (lua.evalsha(key, args), lua.eval(key, args), route)
+        });
+        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let (evalsha, eval) = (&evalsha, &eval);
         let mut values = self
             .inner
             .lanes
             .run(timeout, |mut conn| async move {
-                let values = send(&mut conn, &evalsha(lua, key, args), wait, &route).await?;
+                let values = send(&mut conn, evalsha, wait, &route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
                 }
                 // Not loaded on this master yet (a new or promoted node, a flush): send the
                 // source, routed by the same key. It also caches the script there.
-                let eval = eval(lua, key, args);
                 match (wait, values.get(1)) {
                     // The WAIT sent along found too few replicas, after its whole timeout (a
                     // promoted master has none yet): the write cannot be confirmed now, so do
                     // not wait a second time; report that count.
                     (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
-                        let mut values = send(&mut conn, &eval, None, &route).await?;
+                        let mut values = send(&mut conn, eval, None, &route).await?;
                         values.push(Value::Int(acked));
                         Ok(values)
                     }
-                    _ => send(&mut conn, &eval, wait, &route).await,
+                    _ => send(&mut conn, eval, wait, &route).await,
                 }
             })
             .await?
@@ -330,24 +322,6 @@ fn pool_for<S: AsRef<str>>(urls: &[S]) -> Result<Pool, StoreError> {
         .map_err(|e| StoreError::Unavailable(Box::new(e)))
 }
 
-fn evalsha(lua: &Lua, key: &str, args: &[&[u8]]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(lua.get_hash()).arg(1).arg(key);
-    for arg in args {
-        cmd.arg(*arg);
-    }
-    cmd
-}
-
-fn eval(lua: &Lua, key: &str, args: &[&[u8]]) -> Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(lua.source).arg(1).arg(key);
-    for arg in args {
-        cmd.arg(*arg);
-    }
-    cmd
-}
-
 /// Sends `script` to the master of the key's slot: alone, or pipelined with `WAIT` on the same
 /// connection, so that `WAIT` counts the replicas that have this very write. Answers one value per
 /// command; a server error is a value here, so the caller can tell `NOSCRIPT` apart.
@@ -377,20 +351,6 @@ fn is_noscript(value: &Value) -> bool {
     matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
 }
 
-/// Parses the claim script's answer. The cluster client re-sends a command whose connection broke
-/// before the answer came (a master failing over, a reconnect): the second attempt can find the
-/// pending record the first one wrote, and that is this request's own claim.
-fn parse_claim_of(value: Value, ticket: &Ticket) -> Result<Claim, StoreError> {
-    if let Value::Array(items) = &value {
-        if let Some(Value::BulkString(raw)) = items.first() {
-            if raw.as_slice() == ticket.pending_record().as_ref() {
-                return Ok(Claim::Acquired);
-            }
-        }
-    }
-    parse_claim(value, ticket)
-}
-
 /// A write that fewer replicas than asked for confirmed within the `WAIT` timeout (see
 /// [`RedisClusterStoreBuilder::wait_for_replicas`]). Reported inside
 /// [`StoreError::Unavailable`].
@@ -417,16 +377,14 @@ impl NotReplicated {
 #[async_trait]
 impl Store for RedisClusterStore {
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        let lease = millis(lease).to_string();
+        // The cluster client re-sends a command whose connection broke before the answer came (a
+        // master failing over, a reconnect): the second attempt can find the pending record the
+        // first one wrote, and `parse_claim` recognises it as this request's own claim.
+        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let (value, acked) = self
-            .eval(
-                &self.inner.scripts.claim,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), lease.as_bytes()],
-                self.inner.wait,
-            )
+            .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
             .await?;
-        let claim = parse_claim_of(value, ticket)?;
+        let claim = parse_claim(value, ticket)?;
         if claim == Claim::Acquired {
             if let Err(err) = self.replicated(acked) {
                 // The handler will not run: free the key rather than leave retries in flight until
@@ -445,14 +403,9 @@ impl Store for RedisClusterStore {
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
-        let lease = millis(lease).to_string();
+        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let (value, _) = self
-            .eval(
-                &self.inner.scripts.renew,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), lease.as_bytes()],
-                None,
-            )
+            .eval(&self.inner.scripts.renew, ticket, &args, None)
             .await?;
         parse_ownership(&value)
     }
@@ -464,14 +417,13 @@ impl Store for RedisClusterStore {
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
         let record = encode_completed(ticket.fingerprint(), response)?;
-        let ttl = millis(ttl).to_string();
+        let args = [
+            Arg::Bytes(ticket.pending_record()),
+            Arg::Bytes(&record),
+            Arg::Millis(ttl),
+        ];
         let (value, acked) = self
-            .eval(
-                &self.inner.scripts.complete,
-                &self.redis_key(ticket),
-                &[ticket.pending_record(), &record, ttl.as_bytes()],
-                self.inner.wait,
-            )
+            .eval(&self.inner.scripts.complete, ticket, &args, self.inner.wait)
             .await?;
         let ownership = parse_ownership(&value)?;
         if ownership == Ownership::Held {
@@ -481,13 +433,9 @@ impl Store for RedisClusterStore {
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
+        let args = [Arg::Bytes(ticket.pending_record())];
         let (value, _) = self
-            .eval(
-                &self.inner.scripts.release,
-                &self.redis_key(ticket),
-                &[ticket.pending_record()],
-                None,
-            )
+            .eval(&self.inner.scripts.release, ticket, &args, None)
             .await?;
         parse_ownership(&value)
     }

@@ -1,0 +1,363 @@
+//! The actix-web adapter around [`crate::lifecycle`]: what the `#[idempotent]` expansion calls
+//! (`HandlerSpec`, [`handle`], [`respond`], [`extractor_error`], [`AppScope`]), the key and scope,
+//! the request body read once and fingerprinted, the handler run to its end, and the response
+//! captured for storage and replayed.
+
+use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
+
+use actix_web::{
+    body::BoxBody,
+    dev::Payload,
+    http::header::{self, HeaderName, HeaderValue},
+    web, FromRequest, HttpRequest, HttpResponse,
+};
+use futures_util::FutureExt as _;
+use tracing::{field, Instrument as _, Span};
+
+use crate::{
+    config::Idempotency,
+    fingerprint::FingerprintHasher,
+    key::IdempotencyKey,
+    lifecycle::{self, Outcome, Owned, Policy, Settlement, StoreCompletion},
+    policy::ServerErrors,
+    problem::Problem,
+    protocol::Claim,
+    record::StoredResponse,
+    scope::{IdempotencyScope, RecordKey, ScopeId},
+    store::Ticket,
+};
+
+mod body;
+mod run_to_end;
+
+use self::{
+    body::{collect_response, read_request, unstored, Collected},
+    run_to_end::RunToEnd,
+};
+
+/// The header every replayed response carries.
+pub(crate) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The header that carries the key: its name (lower case, as `HeaderName` requires) and its
+/// spelling in the attribute, for messages. Built at compile time by the macro.
+#[derive(Debug, Clone)]
+pub struct KeyHeader {
+    name: HeaderName,
+    spelled: &'static str,
+}
+
+impl KeyHeader {
+    /// `Idempotency-Key`.
+    pub const DEFAULT: Self = Self::new("idempotency-key", "Idempotency-Key");
+
+    /// A header named `lower` (a valid header name in lower case; the macro checks it), written
+    /// `spelled` in the attribute.
+    pub const fn new(lower: &'static str, spelled: &'static str) -> Self {
+        Self {
+            name: HeaderName::from_static(lower),
+            spelled,
+        }
+    }
+}
+
+/// A handler's settings, as the macro wrote them. `None` means "the app's default".
+#[derive(Debug, Clone)]
+pub struct HandlerSpec {
+    /// The handler's name, for logs and spans.
+    pub handler: &'static str,
+    /// Record retention.
+    pub ttl: Option<Duration>,
+    /// In-flight lease.
+    pub lease: Option<Duration>,
+    /// The key header.
+    pub header: KeyHeader,
+    /// Whether a request without a key is refused (400) rather than run without idempotency.
+    pub require_key: bool,
+    /// Wait this long for an in-flight duplicate, then replay its result, instead of answering 409.
+    pub in_flight_wait: Option<Duration>,
+    /// Run the handler (without idempotency) when the store is unavailable.
+    pub fail_open: bool,
+    /// What 5xx responses do.
+    pub server_errors: ServerErrors,
+    /// The request body limit.
+    pub max_body: Option<usize>,
+}
+
+/// The scope of handlers that name none: the app's resolver (see
+/// [`Idempotency::scope_resolver`]).
+#[derive(Debug, Clone)]
+pub struct AppScope(ScopeId);
+
+impl FromRequest for AppScope {
+    type Error = actix_web::Error;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let resolved = match Idempotency::registered(req) {
+            None => Err(misconfigured(MISSING_CONFIG)),
+            Some(idem) => match &idem.inner.resolver {
+                Some(resolve) => resolve(req).map(Self),
+                None => Err(misconfigured(
+                    "an #[idempotent] handler names no `scope` and the app registered no scope \
+                     resolver: add `scope = YourAuthExtractor` to the attribute, or call \
+                     `Idempotency::scope_resolver` (or use `scope = idem::Unscoped` to share one \
+                     key space between all callers on purpose)",
+                )),
+            },
+        };
+        std::future::ready(resolved)
+    }
+}
+
+impl IdempotencyScope for AppScope {
+    fn scope_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self.0.as_str())
+    }
+}
+
+const MISSING_CONFIG: &str = "an #[idempotent] handler ran in an app with no idempotency store: \
+     register one with `App::new().app_data(idem::Idempotency::new(idem::MemoryStore::new()))` \
+     (or a RedisStore)";
+
+fn misconfigured(fix: &'static str) -> actix_web::Error {
+    tracing::error!("{fix}");
+    actix_web::error::InternalError::from_response(fix, Problem::Misconfigured.to_response()).into()
+}
+
+/// Converts a handler's `Responder` output into a response.
+pub fn respond<R: actix_web::Responder>(value: R, req: &HttpRequest) -> HttpResponse {
+    value.respond_to(req).map_into_boxed_body()
+}
+
+/// The response of an extractor that refused the request.
+pub fn extractor_error<E: Into<actix_web::Error>>(err: E) -> HttpResponse {
+    HttpResponse::from_error(err.into())
+}
+
+/// Runs one request through the idempotency lifecycle. `run` runs the user's handler (its own
+/// extractors included) against the request and a payload rebuilt from the raw body.
+pub async fn handle<S, F, Fut>(
+    req: HttpRequest,
+    payload: web::Payload,
+    spec: &'static HandlerSpec,
+    run: F,
+) -> HttpResponse
+where
+    S: IdempotencyScope,
+    F: FnOnce(HttpRequest, Payload) -> Fut + 'static,
+    Fut: Future<Output = HttpResponse> + 'static,
+{
+    let span = tracing::info_span!(
+        "idempotent",
+        handler = spec.handler,
+        method = %req.method(),
+        path = req.path(),
+        outcome = field::Empty,
+    );
+    adapt::<S, F, Fut>(req, payload, spec, run)
+        .instrument(span)
+        .await
+}
+
+fn record(outcome: Outcome) {
+    Span::current().record("outcome", outcome.as_str());
+}
+
+async fn adapt<S, F, Fut>(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    spec: &'static HandlerSpec,
+    run: F,
+) -> HttpResponse
+where
+    S: IdempotencyScope,
+    F: FnOnce(HttpRequest, Payload) -> Fut + 'static,
+    Fut: Future<Output = HttpResponse> + 'static,
+{
+    let Some(idem) = Idempotency::registered(&req) else {
+        record(Outcome::Misconfigured);
+        tracing::error!("{MISSING_CONFIG}");
+        return Problem::Misconfigured.to_response();
+    };
+    let settings = Arc::clone(&idem.inner);
+    let policy = match Policy::resolve(
+        spec.lease,
+        spec.ttl,
+        settings.lease,
+        settings.ttl,
+        spec.in_flight_wait,
+        spec.server_errors,
+    ) {
+        Ok(policy) => policy,
+        Err(fix) => {
+            record(Outcome::Misconfigured);
+            tracing::error!(handler = spec.handler, "{fix}");
+            return Problem::Misconfigured.to_response();
+        }
+    };
+
+    // 1. Key.
+    let header = &spec.header;
+    let key = match IdempotencyKey::from_headers(req.headers(), &header.name) {
+        Ok(Some(key)) => key,
+        Ok(None) if spec.require_key => {
+            record(Outcome::MissingKey);
+            return Problem::MissingKey {
+                header: header.spelled,
+            }
+            .to_response();
+        }
+        Ok(None) => {
+            record(Outcome::NoKey);
+            return run(req, payload.into_inner()).await;
+        }
+        Err(reason) => {
+            record(Outcome::InvalidKey);
+            return Problem::InvalidKey {
+                reason,
+                header: header.spelled,
+            }
+            .to_response();
+        }
+    };
+
+    // 2. Scope.
+    let scope = match S::from_request(&req, &mut Payload::None).await {
+        Ok(scope) => ScopeId::new(scope.scope_id()),
+        Err(err) => {
+            record(Outcome::ScopeRefused);
+            return extractor_error(err);
+        }
+    };
+
+    // 3. Fingerprint over the raw body, read once.
+    let max_body = spec.max_body.unwrap_or(settings.max_body);
+    let declared_len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|len| len > max_body as u64) {
+        record(Outcome::BodyTooLarge);
+        return Problem::BodyTooLarge { limit: max_body }.to_response();
+    }
+    let mut hasher = FingerprintHasher::new(req.method().as_str(), req.path(), req.query_string());
+    let body = match read_request(&mut payload, max_body, &mut hasher).await {
+        Ok(body) => body,
+        Err(problem) => {
+            record(if matches!(problem, Problem::BodyTooLarge { .. }) {
+                Outcome::BodyTooLarge
+            } else {
+                Outcome::BadBody
+            });
+            return problem.to_response();
+        }
+    };
+    let ticket = Ticket::new(RecordKey::new(&scope, &key), hasher.finish());
+
+    // 4. Claim.
+    match lifecycle::claim(&*settings.store, &ticket, &policy).await {
+        Ok(Claim::Acquired) => {}
+        Ok(Claim::Replay(stored)) => {
+            record(Outcome::Replayed);
+            return replay(stored);
+        }
+        Ok(Claim::Mismatch) => {
+            record(Outcome::Mismatch);
+            return Problem::KeyReused.to_response();
+        }
+        Ok(Claim::InFlight { retry_after }) => {
+            record(Outcome::InFlight);
+            return Problem::InFlight { retry_after }.to_response();
+        }
+        Err(err) if spec.fail_open => {
+            record(Outcome::StoreErrorFailOpen);
+            tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
+            return run(req, Payload::from(body)).await;
+        }
+        Err(err) => {
+            record(Outcome::StoreError);
+            tracing::error!(error = %err, "idempotency store unavailable; the handler did not run");
+            return Problem::StoreUnavailable {
+                retry_after: settings.unavailable_retry_after,
+            }
+            .to_response();
+        }
+    }
+
+    // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
+    // it finishes (the client went away), what is left of it moves to a task of its own and still
+    // finishes, so a retry finds the result (see `RunToEnd`).
+    record(Outcome::Executed);
+    let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
+    let max_response = settings.max_response;
+    let execute = execute(owned, max_response, run(req, Payload::from(body)));
+    match RunToEnd::new(std::panic::AssertUnwindSafe(execute).catch_unwind()).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::error!("the idempotent lifecycle panicked after the handler ran");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+/// Runs the handler and reads its response while the lease is renewed, then settles.
+async fn execute(
+    owned: Owned,
+    max_response: usize,
+    handler: impl Future<Output = HttpResponse>,
+) -> HttpResponse {
+    let ran = owned
+        .run(async {
+            let (resp, body) = handler.await.into_parts();
+            let collected = collect_response(body, max_response).await;
+            (resp, collected)
+        })
+        .await;
+    let (settlement, resp) = match ran {
+        Err(lifecycle::Panicked) => {
+            tracing::error!("the idempotent handler panicked; its key is released");
+            let outcome = owned
+                .settle(Settlement::Panicked, Box::new(StoreCompletion))
+                .await;
+            record(outcome);
+            return HttpResponse::InternalServerError().finish();
+        }
+        Ok((resp, Collected::Whole(body))) => {
+            let stored = StoredResponse::capture(resp.status(), resp.headers(), body.clone());
+            (
+                Settlement::Response(stored),
+                resp.set_body(BoxBody::new(body)),
+            )
+        }
+        Ok((resp, Collected::TooLarge(head, rest))) => {
+            tracing::warn!(
+                max_response,
+                "the response is larger than max_response: sent but not stored, key released"
+            );
+            (Settlement::Unstorable, resp.set_body(unstored(head, rest)))
+        }
+        Ok((_, Collected::Failed)) => {
+            tracing::error!("the response body failed while it was read; key released");
+            let outcome = owned
+                .settle(Settlement::Unstorable, Box::new(StoreCompletion))
+                .await;
+            record(outcome);
+            return HttpResponse::InternalServerError().finish();
+        }
+    };
+    let outcome = owned.settle(settlement, Box::new(StoreCompletion)).await;
+    record(outcome);
+    resp
+}
+
+/// Builds the replay of a stored response.
+fn replay(stored: StoredResponse) -> HttpResponse {
+    let mut resp = HttpResponse::with_body(stored.status, stored.body).map_into_boxed_body();
+    let headers = resp.headers_mut();
+    for (name, value) in stored.headers {
+        headers.append(name, value);
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    resp
+}

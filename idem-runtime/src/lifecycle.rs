@@ -1,0 +1,624 @@
+//! The request lifecycle, apart from actix-web: claim (and wait), run while renewing the lease,
+//! settle by policy (store or release). Every step is a plain async function over the [`Store`]
+//! trait, so the state machine is tested here without a server or an HTTP framework; the actix-web
+//! adapter in [`crate::http`] reads the body, builds the [`Ticket`] and turns the answers into
+//! responses.
+//!
+//! ```text
+//!             claim ──► Replay / Mismatch / InFlight  (answered, nothing runs)
+//!               │
+//!            Acquired
+//!               │
+//!   Owned::run(work) ── renews the lease every third of it until `work` ends
+//!               │
+//!   Owned::settle(settlement)
+//!        ├── Response + policy says store ──► Completion::complete (the store, by default)
+//!        └── otherwise (5xx, 408, 429, panic, unstorable body) ──► Store::release
+//! ```
+//!
+//! The seam for writers other than the store is [`Completion`]: whoever completes the record
+//! (the store's own fenced `complete`, or a database transaction that also holds the handler's
+//! writes) is passed to [`Owned::settle`].
+
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use futures_util::{
+    future::{select, Either},
+    FutureExt as _,
+};
+use tokio::time::Instant;
+
+use crate::{
+    policy::{self, Disposition, ServerErrors},
+    protocol::Claim,
+    record::StoredResponse,
+    store::{Ownership, Store, StoreError, Ticket},
+};
+
+/// What happened to one idempotent request: the value of the `outcome` field of its span. One
+/// place names every outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handler ran and its response was stored (or the store refused it; see the logs).
+    Executed,
+    /// The handler ran and its key was released: the policy does not store its response, or the
+    /// response could not be stored (too large, a failed body).
+    ExecutedReleased,
+    /// The handler panicked; its key was released.
+    Panicked,
+    /// A stored response was replayed.
+    Replayed,
+    /// The key was used before for a different request: 422.
+    Mismatch,
+    /// The same request is in flight: 409.
+    InFlight,
+    /// No key, and the handler requires one: 400.
+    MissingKey,
+    /// No key: the handler ran without idempotency.
+    NoKey,
+    /// A malformed key: 400.
+    InvalidKey,
+    /// The scope extractor refused the request.
+    ScopeRefused,
+    /// The body is over the limit: 413.
+    BodyTooLarge,
+    /// The body could not be read: 400.
+    BadBody,
+    /// The store failed; the handler did not run: 503.
+    StoreError,
+    /// The store failed; the handler ran without idempotency (`fail_open`).
+    StoreErrorFailOpen,
+    /// The app is misconfigured (no store, no scope, invalid settings): 500.
+    Misconfigured,
+}
+
+impl Outcome {
+    /// The outcome's name in spans and logs.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::ExecutedReleased => "executed_released",
+            Self::Panicked => "panicked",
+            Self::Replayed => "replayed",
+            Self::Mismatch => "mismatch",
+            Self::InFlight => "in_flight",
+            Self::MissingKey => "missing_key",
+            Self::NoKey => "no_key",
+            Self::InvalidKey => "invalid_key",
+            Self::ScopeRefused => "scope_refused",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BadBody => "bad_body",
+            Self::StoreError => "store_error",
+            Self::StoreErrorFailOpen => "store_error_fail_open",
+            Self::Misconfigured => "misconfigured",
+        }
+    }
+}
+
+/// A handler's settings resolved against the app's, and checked together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Policy {
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    /// How long a duplicate of an in-flight request waits for its response (`None`: 409 at once).
+    pub(crate) in_flight_wait: Option<Duration>,
+    pub(crate) server_errors: ServerErrors,
+}
+
+impl Policy {
+    /// Resolves the handler's own values (`None`: the app's) and checks that the lease is shorter
+    /// than the ttl. The macro checks a handler's own pair at compile time; this catches a pair
+    /// whose halves come from two places (a handler's `ttl` under the app's `lease`).
+    pub(crate) fn resolve(
+        lease: Option<Duration>,
+        ttl: Option<Duration>,
+        app_lease: Duration,
+        app_ttl: Duration,
+        in_flight_wait: Option<Duration>,
+        server_errors: ServerErrors,
+    ) -> Result<Self, String> {
+        let (lease, ttl) = (lease.unwrap_or(app_lease), ttl.unwrap_or(app_ttl));
+        if lease >= ttl {
+            return Err(format!(
+                "the handler's lease ({lease:?}) is not shorter than its ttl ({ttl:?}): set a \
+                 shorter `lease` on the handler (or with `Idempotency::lease`), or a longer `ttl`"
+            ));
+        }
+        Ok(Self {
+            lease,
+            ttl,
+            in_flight_wait,
+            server_errors,
+        })
+    }
+}
+
+/// Claims the ticket's record; with a wait, polls an in-flight record until it completes or the
+/// wait runs out.
+pub(crate) async fn claim(
+    store: &dyn Store,
+    ticket: &Ticket,
+    policy: &Policy,
+) -> Result<Claim, StoreError> {
+    let deadline = policy.in_flight_wait.map(|w| Instant::now() + w);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let answer = store.claim(ticket, policy.lease).await?;
+        let (Claim::InFlight { .. }, Some(deadline)) = (&answer, deadline) else {
+            return Ok(answer);
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(answer);
+        }
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A claim this request holds: the lease is its own until it settles.
+pub(crate) struct Owned {
+    store: Arc<dyn Store>,
+    ticket: Ticket,
+    policy: Policy,
+}
+
+/// The handler's work panicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Panicked;
+
+/// How a request that ran ends.
+pub(crate) enum Settlement {
+    /// The handler answered with this response (the whole body in memory).
+    Response(StoredResponse),
+    /// The handler answered, but its response cannot be replayed faithfully (larger than the
+    /// limit, or its body failed): release the key.
+    Unstorable,
+    /// The handler panicked: release the key.
+    Panicked,
+}
+
+/// Writes a completed record. [`StoreCompletion`] uses the store's own fenced `complete`; a
+/// transactional store completes the record in the handler's transaction and commits it.
+#[async_trait]
+pub(crate) trait Completion: Send {
+    /// Completes the ticket's record with `response`, kept for `ttl`; fenced by the ticket's token.
+    async fn complete(
+        self: Box<Self>,
+        store: &dyn Store,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError>;
+
+    /// The response is not stored: undo whatever the completion holds (a transaction rolls back).
+    async fn abandon(self: Box<Self>) {}
+}
+
+/// The default [`Completion`]: the store's own `complete`.
+pub(crate) struct StoreCompletion;
+
+#[async_trait]
+impl Completion for StoreCompletion {
+    async fn complete(
+        self: Box<Self>,
+        store: &dyn Store,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        store.complete(ticket, response, ttl).await
+    }
+}
+
+impl Owned {
+    /// The claim `ticket` acquired under `policy`.
+    pub(crate) fn new(store: Arc<dyn Store>, ticket: Ticket, policy: Policy) -> Self {
+        Self {
+            store,
+            ticket,
+            policy,
+        }
+    }
+
+    /// Runs `work` (the handler, and reading its response) to its end while renewing the lease
+    /// every third of it, so a slow handler keeps its key. A panic in `work` is caught.
+    pub(crate) async fn run<F: Future>(&self, work: F) -> Result<F::Output, Panicked> {
+        let work = AssertUnwindSafe(work).catch_unwind();
+        let renewal = renew(&*self.store, &self.ticket, self.policy.lease);
+        futures_util::pin_mut!(work, renewal);
+        let result = match select(work, renewal).await {
+            Either::Left((result, _)) => result,
+            // The lease is lost (another request owns the key now); the work still finishes, and
+            // its completion is refused by the owner-token check.
+            Either::Right(((), work)) => work.await,
+        };
+        result.map_err(|_| Panicked)
+    }
+
+    /// Ends the request: stores its response when the policy says so (through `completion`), and
+    /// otherwise releases the key so that a retry runs the handler again.
+    pub(crate) async fn settle(
+        self,
+        settlement: Settlement,
+        completion: Box<dyn Completion>,
+    ) -> Outcome {
+        let response = match settlement {
+            Settlement::Response(response) => response,
+            Settlement::Unstorable => {
+                completion.abandon().await;
+                self.release().await;
+                return Outcome::ExecutedReleased;
+            }
+            Settlement::Panicked => {
+                completion.abandon().await;
+                self.release().await;
+                return Outcome::Panicked;
+            }
+        };
+        match policy::disposition(response.status, self.policy.server_errors) {
+            Disposition::Store => {
+                let written = completion
+                    .complete(&*self.store, &self.ticket, &response, self.policy.ttl)
+                    .await;
+                match written {
+                    Ok(Ownership::Held) => {}
+                    Ok(Ownership::Lost) => tracing::warn!(
+                        "the lease was lost before completion: the response was sent but not stored"
+                    ),
+                    Err(err) => tracing::error!(
+                        error = %err,
+                        "the response could not be stored: a retry after the lease runs out runs the handler again"
+                    ),
+                }
+                Outcome::Executed
+            }
+            Disposition::Release => {
+                completion.abandon().await;
+                self.release().await;
+                Outcome::ExecutedReleased
+            }
+        }
+    }
+
+    async fn release(&self) {
+        if let Err(err) = self.store.release(&self.ticket).await {
+            tracing::warn!(
+                error = %err,
+                "the key could not be released; it frees itself when its lease runs out"
+            );
+        }
+    }
+}
+
+/// Renews the lease every third of its length; returns only when the lease is lost.
+async fn renew(store: &dyn Store, ticket: &Ticket, lease: Duration) {
+    let period = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(period).await;
+        match store.renew(ticket, lease).await {
+            Ok(Ownership::Held) => {}
+            Ok(Ownership::Lost) => {
+                tracing::warn!("the in-flight lease was lost while the handler ran");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the in-flight lease could not be renewed; retrying");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use actix_web::http::StatusCode;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{fingerprint::Fingerprint, scope::RecordKey, store::memory::MemoryStore};
+
+    fn ticket(body: &[u8]) -> Ticket {
+        Ticket::new(
+            RecordKey::from_bytes([9; 32]),
+            Fingerprint::compute("POST", "/p", "", body),
+        )
+    }
+
+    fn policy(lease_ms: u64) -> Policy {
+        Policy::resolve(
+            Some(Duration::from_millis(lease_ms)),
+            None,
+            Idempotency::DEFAULT_LEASE,
+            Idempotency::DEFAULT_TTL,
+            None,
+            ServerErrors::Release,
+        )
+        .expect("valid")
+    }
+
+    use crate::config::Idempotency;
+
+    fn response(status: u16) -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::from_u16(status).expect("status"),
+            headers: vec![],
+            body: Bytes::from_static(b"paid"),
+        }
+    }
+
+    async fn acquire(store: &Arc<dyn Store>, t: &Ticket, p: Policy) -> Owned {
+        assert_eq!(
+            claim(&**store, t, &p).await.expect("claims"),
+            Claim::Acquired
+        );
+        Owned::new(Arc::clone(store), t.clone(), p)
+    }
+
+    #[tokio::test]
+    async fn a_claim_answers_acquired_then_in_flight_then_replay_or_mismatch() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(1000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        assert!(matches!(
+            claim(&*store, &ticket(b"a"), &p).await,
+            Ok(Claim::InFlight { .. })
+        ));
+        assert_eq!(
+            claim(&*store, &ticket(b"b"), &p).await.expect("claims"),
+            Claim::Mismatch
+        );
+        let outcome = owned
+            .settle(
+                Settlement::Response(response(201)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        assert_eq!(outcome, Outcome::Executed);
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p).await.expect("claims"),
+            Claim::Replay(response(201))
+        );
+        assert_eq!(
+            claim(&*store, &ticket(b"b"), &p).await.expect("claims"),
+            Claim::Mismatch
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_duplicate_replays_once_the_first_completes() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(30_000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let waiting = Policy {
+            in_flight_wait: Some(Duration::from_secs(5)),
+            ..p
+        };
+        let first = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            owned
+                .settle(
+                    Settlement::Response(response(201)),
+                    Box::new(StoreCompletion),
+                )
+                .await
+        };
+        let duplicate = ticket(b"a");
+        let (outcome, replay) = tokio::join!(first, claim(&*store, &duplicate, &waiting));
+        assert_eq!(outcome, Outcome::Executed);
+        assert_eq!(replay.expect("claims"), Claim::Replay(response(201)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_answers_in_flight() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(30_000);
+        let _owned = acquire(&store, &ticket(b"a"), p).await;
+        let waiting = Policy {
+            in_flight_wait: Some(Duration::from_millis(200)),
+            ..p
+        };
+        let started = Instant::now();
+        assert!(matches!(
+            claim(&*store, &ticket(b"a"), &waiting).await,
+            Ok(Claim::InFlight { .. })
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_handler_keeps_its_lease() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(300);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let ran = owned
+            .run(tokio::time::sleep(Duration::from_millis(1000)))
+            .await;
+        assert_eq!(ran, Ok(()));
+        assert!(matches!(
+            claim(&*store, &ticket(b"a"), &p).await,
+            Ok(Claim::InFlight { .. })
+        ));
+    }
+
+    /// A store whose renewals fail, counting them, over a memory store for everything else.
+    struct RenewFails {
+        inner: MemoryStore,
+        renewals: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for RenewFails {
+        async fn claim(&self, t: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+            self.inner.claim(t, lease).await
+        }
+        async fn renew(&self, _: &Ticket, _: Duration) -> Result<Ownership, StoreError> {
+            self.renewals.fetch_add(1, Ordering::Relaxed);
+            Err(StoreError::Timeout(Duration::from_millis(1)))
+        }
+        async fn complete(
+            &self,
+            t: &Ticket,
+            r: &StoredResponse,
+            ttl: Duration,
+        ) -> Result<Ownership, StoreError> {
+            self.inner.complete(t, r, ttl).await
+        }
+        async fn release(&self, t: &Ticket) -> Result<Ownership, StoreError> {
+            self.inner.release(t).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_is_retried_and_the_handler_still_finishes() {
+        let failing = Arc::new(RenewFails {
+            inner: MemoryStore::new(),
+            renewals: AtomicUsize::new(0),
+        });
+        let store: Arc<dyn Store> = failing.clone();
+        let p = policy(300);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let ran = owned
+            .run(async {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                7
+            })
+            .await;
+        assert_eq!(ran, Ok(7));
+        assert!(failing.renewals.load(Ordering::Relaxed) >= 3);
+        // The lease ran out meanwhile: the completion is refused, the settle still answers.
+        let outcome = owned
+            .settle(
+                Settlement::Response(response(201)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        assert_eq!(outcome, Outcome::Executed);
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p).await.expect("claims"),
+            Claim::Acquired
+        );
+    }
+
+    #[tokio::test]
+    async fn the_policy_stores_or_releases() {
+        for (status, stored) in [(201, true), (400, true), (402, true), (500, false)] {
+            for (status, stored) in [(status, stored), (408, false), (429, false), (503, false)] {
+                let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+                let p = policy(1000);
+                let owned = acquire(&store, &ticket(b"a"), p).await;
+                let outcome = owned
+                    .settle(
+                        Settlement::Response(response(status)),
+                        Box::new(StoreCompletion),
+                    )
+                    .await;
+                let again = claim(&*store, &ticket(b"a"), &p).await.expect("claims");
+                if stored {
+                    assert_eq!(outcome, Outcome::Executed, "{status}");
+                    assert_eq!(again, Claim::Replay(response(status)), "{status}");
+                } else {
+                    assert_eq!(outcome, Outcome::ExecutedReleased, "{status}");
+                    assert_eq!(again, Claim::Acquired, "{status}");
+                }
+            }
+        }
+        // `store_server_errors`: a 5xx is stored.
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = Policy {
+            server_errors: ServerErrors::Store,
+            ..policy(1000)
+        };
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        owned
+            .settle(
+                Settlement::Response(response(503)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p).await.expect("claims"),
+            Claim::Replay(response(503))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_caught_and_releases_the_key() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(1000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let ran = owned
+            .run(async {
+                if p.lease > Duration::ZERO {
+                    panic!("the handler panics");
+                }
+            })
+            .await;
+        assert_eq!(ran, Err(Panicked));
+        assert_eq!(
+            owned
+                .settle(Settlement::Panicked, Box::new(StoreCompletion))
+                .await,
+            Outcome::Panicked
+        );
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p).await.expect("claims"),
+            Claim::Acquired
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unstorable_response_releases_the_key() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let p = policy(1000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        assert_eq!(
+            owned
+                .settle(Settlement::Unstorable, Box::new(StoreCompletion))
+                .await,
+            Outcome::ExecutedReleased
+        );
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p).await.expect("claims"),
+            Claim::Acquired
+        );
+    }
+
+    #[test]
+    fn a_lease_from_the_app_not_shorter_than_the_handlers_ttl_is_refused() {
+        let refused = Policy::resolve(
+            None,
+            Some(Duration::from_secs(10)),
+            Duration::from_secs(30),
+            Idempotency::DEFAULT_TTL,
+            None,
+            ServerErrors::Release,
+        );
+        assert!(refused.is_err_and(|e| e.contains("not shorter than its ttl")));
+    }
+
+    #[test]
+    fn every_outcome_has_a_distinct_name() {
+        let all = [
+            Outcome::Executed,
+            Outcome::ExecutedReleased,
+            Outcome::Panicked,
+            Outcome::Replayed,
+            Outcome::Mismatch,
+            Outcome::InFlight,
+            Outcome::MissingKey,
+            Outcome::NoKey,
+            Outcome::InvalidKey,
+            Outcome::ScopeRefused,
+            Outcome::BodyTooLarge,
+            Outcome::BadBody,
+            Outcome::StoreError,
+            Outcome::StoreErrorFailOpen,
+            Outcome::Misconfigured,
+        ];
+        let names: std::collections::HashSet<_> = all.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+    }
+}

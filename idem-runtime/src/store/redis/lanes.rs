@@ -1,0 +1,236 @@
+//! Connections: a few multiplexed connections checked out of a deadpool pool once and kept as
+//! *lanes* (see the module docs of [`super`] for why).
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Mutex, PoisonError,
+    },
+    time::Duration,
+};
+
+use deadpool_redis::{
+    redis::{self, aio::MultiplexedConnection, cluster_async::ClusterConnection},
+    Pool,
+};
+
+use super::scripts::is_connection_error;
+use crate::store::StoreError;
+
+/// A deadpool pool of multiplexed connections: one checked-out connection serves any number of
+/// concurrent requests through cheap clones of its handle. Implemented for the single-server pool
+/// and the cluster pool, so that both stores keep their connections as [`Lanes`].
+pub(crate) trait MultiplexedPool: Send + Sync + 'static {
+    /// The handle one request clones (no I/O).
+    type Conn: Clone + Send + 'static;
+    /// The pool's object, held while its lane lives so the pool counts it as in use.
+    type Object: Send + 'static;
+
+    /// The pool's maximum size.
+    fn max_size(&self) -> usize;
+
+    /// Checks a connection out of the pool (the pool creates or recycles it).
+    fn checkout(&self) -> impl Future<Output = Result<Self::Object, StoreError>> + Send;
+
+    /// The handle of a checked-out connection.
+    fn handle(object: &Self::Object) -> Self::Conn;
+
+    /// Takes a broken connection out of the pool for good, so it makes a new one instead of
+    /// recycling it.
+    fn detach(object: Self::Object);
+}
+
+/// The two deadpool pools have the same API but no common trait: one implementation, written
+/// once, for both.
+macro_rules! multiplexed_pool {
+    ($pool:ty, $conn:ty, $object:ty) => {
+        impl MultiplexedPool for $pool {
+            type Conn = $conn;
+            type Object = $object;
+
+            fn max_size(&self) -> usize {
+                self.status().max_size
+            }
+
+            async fn checkout(&self) -> Result<Self::Object, StoreError> {
+                self.get()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(Box::new(e)))
+            }
+
+            fn handle(object: &Self::Object) -> Self::Conn {
+                <$conn>::clone(object)
+            }
+
+            fn detach(object: Self::Object) {
+                drop(<$object>::take(object));
+            }
+        }
+    };
+}
+
+multiplexed_pool!(Pool, MultiplexedConnection, deadpool_redis::Connection);
+multiplexed_pool!(
+    deadpool_redis::cluster::Pool,
+    ClusterConnection,
+    deadpool_redis::cluster::Connection
+);
+
+/// A few connections checked out of a pool once and kept, each serving the calls that pick it (in
+/// turn, or by thread: see [`Pick`] and the module docs). A lane whose connection fails (an I/O
+/// error or a timeout) is dropped, and the next request on it checks a fresh connection out of
+/// the pool.
+pub(crate) struct Lanes<P: MultiplexedPool> {
+    pool: P,
+    lanes: Box<[Slot<P>]>,
+    pick: Pick,
+    generation: AtomicU64,
+}
+
+/// How a call picks its lane.
+enum Pick {
+    /// Successive calls take successive lanes.
+    RoundRobin(AtomicUsize),
+    /// A thread always takes the same lane.
+    Thread,
+}
+
+struct Slot<P: MultiplexedPool> {
+    lane: Mutex<Option<Lane<P>>>,
+    // Held by the one request that checks a connection out for an empty lane; the others wait for
+    // it. Without it, with as many lanes as the pool has connections, a burst of first requests
+    // could leave every connection kept by a lane and the rest waiting on the pool for ever.
+    filling: tokio::sync::Mutex<()>,
+}
+
+struct Lane<P: MultiplexedPool> {
+    conn: P::Conn,
+    generation: u64,
+    // Held so the pool counts the connection as in use; taken from the pool when the lane fails.
+    object: P::Object,
+}
+
+impl<P: MultiplexedPool> Lanes<P> {
+    /// `lanes` connections at most, clamped to 1..=the pool's size, taken in turn by successive
+    /// calls.
+    pub(crate) fn new(pool: P, lanes: usize) -> Self {
+        Self::with_pick(pool, lanes, Pick::RoundRobin(AtomicUsize::new(0)))
+    }
+
+    /// `lanes` connections at most, clamped to 1..=the pool's size, each taken by the threads that
+    /// map to it (see [`thread_lane`]): with as many lanes as worker threads, each worker has a
+    /// connection whose I/O task runs on its own thread.
+    pub(crate) fn per_thread(pool: P, lanes: usize) -> Self {
+        Self::with_pick(pool, lanes, Pick::Thread)
+    }
+
+    fn with_pick(pool: P, lanes: usize, pick: Pick) -> Self {
+        let lanes = lanes.clamp(1, pool.max_size().max(1));
+        Self {
+            pool,
+            lanes: (0..lanes)
+                .map(|_| Slot {
+                    lane: Mutex::new(None),
+                    filling: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            pick,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &P {
+        &self.pool
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    async fn lane(&self) -> Result<(usize, u64, P::Conn), StoreError> {
+        let i = match &self.pick {
+            Pick::RoundRobin(next) => next.fetch_add(1, Ordering::Relaxed),
+            Pick::Thread => thread_lane(),
+        } % self.lanes.len();
+        let slot = &self.lanes[i];
+        if let Some(lane) = lock(&slot.lane).as_ref() {
+            return Ok((i, lane.generation, lane.conn.clone()));
+        }
+        let _filling = slot.filling.lock().await;
+        if let Some(lane) = lock(&slot.lane).as_ref() {
+            // Filled while this request waited.
+            return Ok((i, lane.generation, lane.conn.clone()));
+        }
+        let object = self.pool.checkout().await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let conn = P::handle(&object);
+        *lock(&slot.lane) = Some(Lane {
+            conn: conn.clone(),
+            generation,
+            object,
+        });
+        Ok((i, generation, conn))
+    }
+
+    fn drop_lane(&self, i: usize, generation: u64) {
+        let mut slot = lock(&self.lanes[i].lane);
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(lane) = slot.take() {
+                P::detach(lane.object);
+            }
+        }
+    }
+
+    /// Runs `call` on a lane's connection within `timeout` (connection included). A connection
+    /// error or a timeout drops the lane.
+    pub(crate) async fn run<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(P::Conn) -> Fut,
+        Fut: Future<Output = Result<T, redis::RedisError>>,
+    {
+        let mut lane = None;
+        let attempt = async {
+            let (i, generation, conn) = self.lane().await?;
+            lane = Some((i, generation));
+            call(conn).await.map_err(|e| {
+                if is_connection_error(&e) {
+                    self.drop_lane(i, generation);
+                }
+                // The connection's response timeout is the store's (see `eval`), so it races
+                // the timer below: either way the call took the whole timeout.
+                if e.is_timeout() {
+                    StoreError::Timeout(timeout)
+                } else {
+                    StoreError::Unavailable(Box::new(e))
+                }
+            })
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some((i, generation)) = lane {
+                    self.drop_lane(i, generation);
+                }
+                Err(StoreError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// The lane a thread uses: threads are numbered in the order they first call a store, so that
+/// each of `lanes` threads (an actix worker each) gets a connection of its own. A multiplexed
+/// connection's I/O task runs on the thread that opened it; a request from another thread would
+/// hand every command and every answer across threads (a wake-up, often a futex and an eventfd
+/// write, each way).
+fn thread_lane() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    LANE.with(|lane| *lane)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

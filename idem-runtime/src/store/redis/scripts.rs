@@ -1,0 +1,285 @@
+//! The four Lua scripts, the one place that builds a script command, and the parsing of the
+//! scripts' answers. Both Redis stores run exactly these.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::redis::{self, Cmd, Script, Value};
+
+use crate::{
+    protocol::{classify, Claim},
+    record::Record,
+    store::{Ownership, StoreError, Ticket},
+};
+
+/// `KEYS[1]` record, `ARGV[1]` pending record, `ARGV[2]` lease in ms.
+/// Answers 1 when the claim was taken, else `{existing record, PTTL}`. Only an in-flight record
+/// needs its PTTL (the `Retry-After` of a 409), so the script asks for it only when the record's
+/// kind byte (the 4th, see [`crate::record`]) is `P` (80): a replay costs Redis one inner call,
+/// not two, and answers `{record, 0}`.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.byte(v, 4) == 80 then
+    return {v, redis.call('PTTL', KEYS[1])}
+  end
+  return {v, 0}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// `KEYS[1]` record, `ARGV[1]` the owner's pending record, `ARGV[2]` lease in ms.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// `KEYS[1]` record, `ARGV[1]` the owner's pending record, `ARGV[2]` completed record,
+/// `ARGV[3]` ttl in ms.
+const COMPLETE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// `KEYS[1]` record, `ARGV[1]` the owner's pending record.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
+/// The four scripts by name, as sent to Redis.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) const SOURCES: [(&str, &str); 4] = [
+    ("claim", CLAIM),
+    ("renew", RENEW),
+    ("complete", COMPLETE),
+    ("release", RELEASE),
+];
+
+/// The four scripts, hashed once.
+pub(crate) struct Scripts {
+    pub(crate) claim: Lua,
+    pub(crate) renew: Lua,
+    pub(crate) complete: Lua,
+    pub(crate) release: Lua,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            claim: Lua::new(CLAIM),
+            renew: Lua::new(RENEW),
+            complete: Lua::new(COMPLETE),
+            release: Lua::new(RELEASE),
+        }
+    }
+}
+
+/// A script with its source: `EVALSHA` names the hash; where a server does not know it yet, the
+/// single-server store loads it (`SCRIPT LOAD`) and the cluster store sends the source (`EVAL`,
+/// routed by key like the call itself).
+pub(crate) struct Lua {
+    script: Script,
+    source: &'static str,
+}
+
+impl Lua {
+    pub(crate) fn new(source: &'static str) -> Self {
+        Self {
+            script: Script::new(source),
+            source,
+        }
+    }
+
+    pub(crate) fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// `EVALSHA <hash> 1 <key> <args...>`.
+    pub(crate) fn evalsha(&self, key: &[u8], args: &[Arg<'_>]) -> Cmd {
+        command("EVALSHA", self.script.get_hash(), key, args)
+    }
+
+    /// `EVAL <source> 1 <key> <args...>`.
+    pub(crate) fn eval(&self, key: &[u8], args: &[Arg<'_>]) -> Cmd {
+        command("EVAL", self.source, key, args)
+    }
+}
+
+/// One script argument after the key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Bytes(&'a [u8]),
+    /// A duration in milliseconds (at least 1, so that a tiny duration never means "no
+    /// expiry"), sent as its decimal digits.
+    Millis(Duration),
+}
+
+impl Arg<'_> {
+    /// The most bytes the argument takes in the command.
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes(bytes) => bytes.len(),
+            Self::Millis(_) => 20,
+        }
+    }
+}
+
+/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry".
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The one builder of a script command. It is packed straight from the borrowed arguments into
+/// one buffer sized up front: a request copies its record into the command once.
+fn command(verb: &str, script: &str, key: &[u8], args: &[Arg<'_>]) -> Cmd {
+    let data = verb.len() + script.len() + 1 + key.len();
+    let data = data + args.iter().map(Arg::len).sum::<usize>();
+    let mut cmd = Cmd::with_capacity(4 + args.len(), data);
+    cmd.arg(verb).arg(script).arg(1).arg(key);
+    for arg in args {
+        match *arg {
+            Arg::Bytes(bytes) => cmd.arg(bytes),
+            Arg::Millis(d) => cmd.arg(millis(d)),
+        };
+    }
+    cmd
+}
+
+/// Parses the claim script's answer.
+///
+/// A pending record that holds this very ticket's token is this request's own claim, written by
+/// an earlier attempt of the same call whose answer was lost (a connection that broke after the
+/// command was sent, re-sent by the client or by the store): it answers `Acquired`.
+pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreError> {
+    match value {
+        Value::Int(1) => Ok(Claim::Acquired),
+        Value::Array(items) => match <[Value; 2]>::try_from(items) {
+            Ok([Value::BulkString(raw), Value::Int(pttl)]) => {
+                if raw.as_slice() == ticket.pending_record().as_ref() {
+                    return Ok(Claim::Acquired);
+                }
+                let record = Record::decode(Bytes::from(raw))?;
+                let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
+                Ok(classify(record, ticket, remaining))
+            }
+            _ => Err(StoreError::Protocol(
+                "claim answered a malformed array".into(),
+            )),
+        },
+        other => Err(StoreError::Protocol(format!("claim answered {other:?}"))),
+    }
+}
+
+/// Parses a fenced script's answer.
+pub(crate) fn parse_ownership(value: &Value) -> Result<Ownership, StoreError> {
+    match value {
+        Value::Int(1) => Ok(Ownership::Held),
+        Value::Int(0) => Ok(Ownership::Lost),
+        other => Err(StoreError::Protocol(format!(
+            "a fenced write answered {other:?}"
+        ))),
+    }
+}
+
+/// Whether an error means the connection itself is no good.
+pub(crate) fn is_connection_error(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || err.is_unrecoverable_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+
+    use super::*;
+    use crate::{
+        fingerprint::Fingerprint,
+        record::{encode_completed, encode_pending, OwnerToken, StoredResponse},
+    };
+
+    /// The claim script tells an in-flight record by its 4th byte (`string.byte(v, 4) == 80`).
+    #[test]
+    fn the_claim_script_reads_the_record_kind_where_the_encoding_puts_it() {
+        let fp = Fingerprint::compute("POST", "/p", "", b"{}");
+        let pending = encode_pending(&fp, &OwnerToken::random());
+        assert_eq!(pending[3], 80);
+        let completed = encode_completed(
+            &fp,
+            &StoredResponse {
+                status: StatusCode::CREATED,
+                headers: vec![],
+                body: Bytes::from_static(b"P"),
+            },
+        )
+        .expect("encodes");
+        assert_ne!(completed[3], 80);
+        assert!(CLAIM.contains("string.byte(v, 4) == 80"));
+    }
+
+    #[test]
+    fn a_command_is_verb_script_one_key_then_the_arguments() {
+        let lua = Lua::new(RELEASE);
+        let cmd = lua.evalsha(
+            b"idem:{k}",
+            &[Arg::Bytes(b"x"), Arg::Millis(Duration::ZERO)],
+        );
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let hash = lua.script().get_hash().as_bytes().to_vec();
+        assert_eq!(
+            args,
+            [
+                b"EVALSHA".to_vec(),
+                hash,
+                b"1".to_vec(),
+                b"idem:{k}".to_vec(),
+                b"x".to_vec(),
+                b"1".to_vec()
+            ]
+        );
+        let eval = lua.eval(b"k", &[]);
+        assert_eq!(eval.args_iter().count(), 4);
+    }
+
+    #[test]
+    fn a_claim_that_finds_its_own_pending_record_is_acquired() {
+        let fp = Fingerprint::compute("POST", "/p", "", b"{}");
+        let key = crate::scope::RecordKey::from_bytes([7; 32]);
+        let ticket = Ticket::new(key, fp);
+        let own = Value::Array(vec![
+            Value::BulkString(ticket.pending_record().to_vec()),
+            Value::Int(900),
+        ]);
+        assert_eq!(parse_claim(own, &ticket).expect("parses"), Claim::Acquired);
+        let other = Ticket::new(key, fp);
+        let theirs = Value::Array(vec![
+            Value::BulkString(other.pending_record().to_vec()),
+            Value::Int(900),
+        ]);
+        assert_eq!(
+            parse_claim(theirs, &ticket).expect("parses"),
+            Claim::InFlight {
+                retry_after: Duration::from_millis(900)
+            }
+        );
+    }
+}

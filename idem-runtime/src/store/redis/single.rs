@@ -1,0 +1,209 @@
+//! [`RedisStore`]: one key per record on one Redis server; claim, renew, complete and release are
+//! each one `EVALSHA` of the scripts in [`super::scripts`].
+//!
+//! A [`RedisStore`] gives each thread that calls it one lane (threads are numbered as they first
+//! call, modulo the number of lanes), and a lane's connection is opened by the first thread that
+//! takes it, so its I/O task runs on that thread: with as many lanes as actix workers, no command
+//! or answer crosses threads. Set [`RedisStoreBuilder::lanes`] to the number of workers.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use deadpool_redis::{
+    redis::{ErrorKind, ServerErrorKind, Value},
+    Pool, Runtime,
+};
+
+use super::{
+    lanes::Lanes,
+    scripts::{parse_claim, parse_ownership, Arg, Lua, Scripts},
+    KeyFormat, Options,
+};
+use crate::{
+    protocol::Claim,
+    record::{encode_completed, StoredResponse},
+    store::{Ownership, Store, StoreError, Ticket},
+};
+
+/// A store on one Redis server (or a replicated primary).
+///
+/// Cloning is cheap; clones share connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    lanes: Lanes<Pool>,
+    keys: KeyFormat,
+    timeout: Duration,
+    scripts: Scripts,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.keys.prefix())
+            .field("timeout", &self.inner.timeout)
+            .field("lanes", &self.inner.lanes.len())
+            .field("pool", &self.inner.lanes.pool().status())
+            .finish()
+    }
+}
+
+/// Configures a [`RedisStore`].
+#[derive(Debug)]
+pub struct RedisStoreBuilder {
+    pool: Pool,
+    options: Options,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key the store writes (default `idem:`).
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.options.keys = KeyFormat::new(prefix);
+        self
+    }
+
+    /// The longest a store call may take, connection included (default 2 s). A call that takes
+    /// longer fails with [`StoreError::Timeout`], so a hung Redis cannot hang every request.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = timeout;
+        self
+    }
+
+    /// How many multiplexed connections the store keeps checked out (default 2, at least 1, at
+    /// most the pool's size). Each thread that calls the store uses one of them, so the number of
+    /// actix workers is the best value: every worker then has a connection of its own.
+    #[must_use]
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.options.lanes = lanes;
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call.
+    pub fn build(self) -> RedisStore {
+        RedisStore {
+            inner: Arc::new(Inner {
+                lanes: Lanes::per_thread(self.pool, self.options.lanes),
+                keys: self.options.keys,
+                timeout: self.options.timeout,
+                scripts: Scripts::new(),
+            }),
+        }
+    }
+}
+
+impl RedisStore {
+    /// The default prefix of every key the Redis stores write.
+    pub const DEFAULT_PREFIX: &'static str = "idem:";
+    /// The default timeout of one store call.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The default number of multiplexed connections kept out of the pool.
+    pub const DEFAULT_LANES: usize = 2;
+
+    /// A builder over an existing deadpool-redis pool.
+    pub fn builder(pool: Pool) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            pool,
+            options: Options::default(),
+        }
+    }
+
+    /// A store with default settings over a new pool for `url` (`redis://127.0.0.1:6379`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the URL is invalid. No connection is made here.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let pool = deadpool_redis::Config::from_url(url)
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        Ok(Self::builder(pool).build())
+    }
+
+    /// The pool behind the store.
+    pub fn pool(&self) -> &Pool {
+        self.inner.lanes.pool()
+    }
+
+    /// The Redis key of the ticket's record (for tests that look at Redis directly).
+    #[cfg(feature = "testing")]
+    pub(crate) fn key_of(&self, ticket: &Ticket) -> String {
+        self.inner.keys.string(ticket.key())
+    }
+
+    /// Runs `lua` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD` and a
+    /// retry after `NOSCRIPT`, when the server lost its scripts).
+    async fn eval(
+        &self,
+        lua: &Lua,
+        ticket: &Ticket,
+        args: &[Arg<'_>],
+    ) -> Result<Value, StoreError> {
+        let cmd = self
+            .inner
+            .keys
+            .with_bytes(ticket.key(), |key| lua.evalsha(key, args));
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        self.inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                // The connection's own response timeout (redis-rs defaults to 500 ms) would
+                // otherwise cut a call short of the configured timeout.
+                conn.set_response_timeout(timeout);
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        lua.script().load_async(&mut conn).await?;
+                        cmd.query_async::<Value>(&mut conn).await
+                    }
+                    answer => answer,
+                }
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+        let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
+        parse_claim(value, ticket)
+    }
+
+    async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
+        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+        let value = self.eval(&self.inner.scripts.renew, ticket, &args).await?;
+        parse_ownership(&value)
+    }
+
+    async fn complete(
+        &self,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let record = encode_completed(ticket.fingerprint(), response)?;
+        let args = [
+            Arg::Bytes(ticket.pending_record()),
+            Arg::Bytes(&record),
+            Arg::Millis(ttl),
+        ];
+        let value = self
+            .eval(&self.inner.scripts.complete, ticket, &args)
+            .await?;
+        parse_ownership(&value)
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
+        let args = [Arg::Bytes(ticket.pending_record())];
+        let value = self
+            .eval(&self.inner.scripts.release, ticket, &args)
+            .await?;
+        parse_ownership(&value)
+    }
+}

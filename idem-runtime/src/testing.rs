@@ -1,0 +1,76 @@
+//! Test hooks: what the project's own tests and benchmark need to reach below the public API.
+//! Behind the non-default `testing` feature; not part of the stable API.
+
+use std::time::Duration;
+
+use deadpool_redis::redis;
+
+use crate::{
+    fingerprint::Fingerprint,
+    key::IdempotencyKey,
+    record::OwnerToken,
+    scope::{RecordKey, ScopeId},
+    store::{
+        memory::MemoryStore,
+        redis::{scripts, KeyFormat},
+        Ticket,
+    },
+    RedisClusterStore, RedisStore,
+};
+
+/// The address of `key` (a valid key) under `scope`.
+///
+/// # Panics
+///
+/// When `key` is not a valid idempotency key.
+pub fn record_key(scope: &str, key: &str) -> RecordKey {
+    let key = IdempotencyKey::parse(key.as_bytes()).expect("a valid idempotency key");
+    RecordKey::new(&ScopeId::new(scope), &key)
+}
+
+/// The fingerprint of a request.
+pub fn fingerprint(method: &str, path: &str, query: &str, body: &[u8]) -> Fingerprint {
+    Fingerprint::compute(method, path, query, body)
+}
+
+/// A ticket with a fresh owner token, as a request makes one.
+pub fn ticket(key: RecordKey, fingerprint: Fingerprint) -> Ticket {
+    Ticket::new(key, fingerprint)
+}
+
+/// A ticket with the given owner token (to play a stale owner).
+pub fn ticket_with_token(key: RecordKey, fingerprint: Fingerprint, token: OwnerToken) -> Ticket {
+    Ticket::with_token(key, fingerprint, token)
+}
+
+/// The Redis key of a record under `prefix`.
+pub fn redis_key(prefix: &str, key: &RecordKey) -> String {
+    KeyFormat::new(prefix).string(key)
+}
+
+/// The Redis key of the ticket's record in `store`.
+pub fn redis_key_of(store: &RedisStore, ticket: &Ticket) -> String {
+    store.key_of(ticket)
+}
+
+/// The Redis key of the ticket's record in `store`.
+pub fn cluster_key_of(store: &RedisClusterStore, ticket: &Ticket) -> String {
+    store.key_of(ticket)
+}
+
+/// The Lua scripts both Redis stores run, as `(name, source)`.
+pub fn lua_scripts() -> [(&'static str, &'static str); 4] {
+    scripts::SOURCES
+}
+
+/// The `EVALSHA` of the library's script `name` on `key`, built as the stores build it.
+pub fn script_command(name: &str, key: &[u8], args: &[&[u8]]) -> Option<redis::Cmd> {
+    let (_, source) = scripts::SOURCES.iter().find(|(n, _)| *n == name)?;
+    let args: Vec<scripts::Arg<'_>> = args.iter().map(|a| scripts::Arg::Bytes(a)).collect();
+    Some(scripts::Lua::new(source).evalsha(key, &args))
+}
+
+/// The time to live of every live record of a memory store.
+pub fn memory_ttls(store: &MemoryStore) -> Vec<Duration> {
+    store.ttls()
+}
