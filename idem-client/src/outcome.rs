@@ -107,7 +107,9 @@ impl IdempotencyError {
 impl fmt::Display for IdempotencyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
-            Cause::Request(e) => write!(f, "request failed after {} attempt(s): {e}", self.attempts)?,
+            Cause::Request(e) => {
+                write!(f, "request failed after {} attempt(s): {e}", self.attempts)?
+            }
             Cause::Deadline => write!(
                 f,
                 "request deadline passed after {} attempt(s)",

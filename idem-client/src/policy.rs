@@ -254,19 +254,23 @@ mod tests {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let err = send(
-            &format!("http://127.0.0.1:{port}/"),
-            Duration::from_secs(5),
-        )
-        .await;
-        assert_eq!(RetryPolicy::classify_error(&err), Class::Transient, "{err:?}");
+        let err = send(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5)).await;
+        assert_eq!(
+            RetryPolicy::classify_error(&err),
+            Class::Transient,
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
     async fn closed_after_the_request_was_sent_is_transient() {
         let url = one_connection(|mut s| read_request(&mut s));
         let err = send(&url, Duration::from_secs(5)).await;
-        assert_eq!(RetryPolicy::classify_error(&err), Class::Transient, "{err:?}");
+        assert_eq!(
+            RetryPolicy::classify_error(&err),
+            Class::Transient,
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -275,7 +279,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a loopback port");
-        let url = format!("http://{}/payments", listener.local_addr().expect("its address"));
+        let url = format!(
+            "http://{}/payments",
+            listener.local_addr().expect("its address")
+        );
         tokio::spawn(async move {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
@@ -292,7 +299,11 @@ mod tests {
             let _ = s.set_zero_linger();
         });
         let err = send(&url, Duration::from_secs(5)).await;
-        assert_eq!(RetryPolicy::classify_error(&err), Class::Transient, "{err:?}");
+        assert_eq!(
+            RetryPolicy::classify_error(&err),
+            Class::Transient,
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -303,7 +314,11 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n");
         });
         let err = send(&url, Duration::from_millis(50)).await;
-        assert_eq!(RetryPolicy::classify_error(&err), Class::Transient, "{err:?}");
+        assert_eq!(
+            RetryPolicy::classify_error(&err),
+            Class::Transient,
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -314,7 +329,11 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 20");
         });
         let err = send(&url, Duration::from_secs(5)).await;
-        assert_eq!(RetryPolicy::classify_error(&err), Class::Transient, "{err:?}");
+        assert_eq!(
+            RetryPolicy::classify_error(&err),
+            Class::Transient,
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -324,12 +343,15 @@ mod tests {
             .build()
             .expect_err("an invalid URL");
         let builder = reqwest_middleware::Error::Reqwest(builder);
-        assert_eq!(RetryPolicy::classify_error(&builder), Class::Fatal, "{builder:?}");
+        assert_eq!(
+            RetryPolicy::classify_error(&builder),
+            Class::Fatal,
+            "{builder:?}"
+        );
 
         let url = one_connection(|mut s| loop {
             read_request(&mut s);
-            if s
-                .write_all(b"HTTP/1.1 302 Found\r\nlocation: /again\r\ncontent-length: 0\r\n\r\n")
+            if s.write_all(b"HTTP/1.1 302 Found\r\nlocation: /again\r\ncontent-length: 0\r\n\r\n")
                 .is_err()
             {
                 return;

@@ -46,7 +46,10 @@ mod tests {
     fn with(values: &[&str]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for v in values {
-            headers.append(RETRY_AFTER, HeaderValue::from_str(v).expect("a header value"));
+            headers.append(
+                RETRY_AFTER,
+                HeaderValue::from_str(v).expect("a header value"),
+            );
         }
         headers
     }
@@ -59,14 +62,23 @@ mod tests {
     #[test]
     fn delta_seconds() {
         assert_eq!(retry_after(&with(&["0"]), now(), CAP), Some(Duration::ZERO));
-        assert_eq!(retry_after(&with(&["3"]), now(), CAP), Some(Duration::from_secs(3)));
-        assert_eq!(retry_after(&with(&[" 7 "]), now(), CAP), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after(&with(&["3"]), now(), CAP),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            retry_after(&with(&[" 7 "]), now(), CAP),
+            Some(Duration::from_secs(7))
+        );
     }
 
     #[test]
     fn http_date_in_the_future() {
         let at = httpdate::fmt_http_date(now() + Duration::from_secs(4));
-        assert_eq!(retry_after(&with(&[&at]), now(), CAP), Some(Duration::from_secs(4)));
+        assert_eq!(
+            retry_after(&with(&[&at]), now(), CAP),
+            Some(Duration::from_secs(4))
+        );
         // The obsolete formats RFC 9110 still requires recipients to accept.
         let rfc850 = "Sunday, 06-Nov-94 08:49:37 GMT";
         let asctime = "Sun Nov  6 08:49:37 1994";
@@ -79,7 +91,10 @@ mod tests {
     #[test]
     fn past_dates_mean_now() {
         let past = httpdate::fmt_http_date(now() - Duration::from_secs(60));
-        assert_eq!(retry_after(&with(&[&past]), now(), CAP), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&with(&[&past]), now(), CAP),
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]
@@ -104,10 +119,18 @@ mod tests {
             "Sun, 06 Nov 1994",
             "Sun, 32 Nov 1994 08:49:37 GMT",
         ] {
-            assert_eq!(retry_after(&with(&[garbage]), now(), CAP), None, "{garbage:?}");
+            assert_eq!(
+                retry_after(&with(&[garbage]), now(), CAP),
+                None,
+                "{garbage:?}"
+            );
         }
         assert_eq!(retry_after(&HeaderMap::new(), now(), CAP), None, "absent");
-        assert_eq!(retry_after(&with(&["1", "2"]), now(), CAP), None, "repeated");
+        assert_eq!(
+            retry_after(&with(&["1", "2"]), now(), CAP),
+            None,
+            "repeated"
+        );
         let mut opaque = HeaderMap::new();
         opaque.insert(
             RETRY_AFTER,

@@ -374,7 +374,10 @@ mod tests {
         let picker = Picker::new(plan.clone());
         let faults: Vec<Fault> = (0..10_000).map(|_| picker.pick()).collect();
         let again = Picker::new(plan);
-        assert!(faults.iter().all(|f| *f == again.pick()), "same seed, same faults");
+        assert!(
+            faults.iter().all(|f| *f == again.pick()),
+            "same seed, same faults"
+        );
         let share = |fault: Fault| faults.iter().filter(|f| **f == fault).count();
         assert!((1800..2200).contains(&share(Fault::Drop)));
         assert!((800..1200).contains(&share(Fault::Reset)));
