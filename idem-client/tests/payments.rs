@@ -16,7 +16,7 @@ use std::{
 };
 
 use futures_util::{stream, StreamExt};
-use idem_client::{IdempotencyError, IdempotencyMiddleware, ResponseExt, RetryPolicy};
+use idem_client::{IdempotencyError, IdempotencyMiddleware, KeyFormat, ResponseExt, RetryPolicy};
 use idem_testkit::{
     free_port,
     proxy::{Fault, FaultPlan, FaultProxy},
@@ -460,4 +460,79 @@ async fn the_deadline_bounds_a_request_and_refused_connections_are_retried() {
         failure.last_error(),
         Some(reqwest_middleware::Error::Reqwest(e)) if e.is_connect()
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_formats_generators_and_methods() {
+    let payments = Payments::start(0);
+    let url = format!("http://{}/payments", payments.addr);
+    let with = |middleware: IdempotencyMiddleware| {
+        ClientBuilder::new(reqwest::Client::new())
+            .with(middleware.policy(test_policy().max_attempts(3)))
+            .build()
+    };
+    let pay = |client: ClientWithMiddleware| {
+        let url = url.clone();
+        async move {
+            client
+                .post(url)
+                .bearer_auth("config")
+                .header("content-type", "application/json")
+                .body(PAYMENT)
+                .send()
+                .await
+        }
+    };
+
+    // Quoted keys from a custom generator: the server reads the same key as the bare form.
+    let quoted = with(
+        IdempotencyMiddleware::new()
+            .key_format(KeyFormat::Quoted)
+            .key_generator(|| "order-42".to_owned()),
+    );
+    let first = pay(quoted.clone()).await.expect("an answer");
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(first.idempotency().and_then(|r| r.key()), Some("order-42"));
+    let bare = with(IdempotencyMiddleware::new().key_generator(|| "order-42".to_owned()));
+    let again = pay(bare).await.expect("an answer");
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.idempotency().map(|r| r.replayed()), Some(true));
+    assert_eq!(payments.executions().await, 1);
+
+    // A generator that makes an invalid key: refused before anything is sent.
+    let invalid = with(IdempotencyMiddleware::new().key_generator(|| "not a key".to_owned()));
+    let err = pay(invalid).await.expect_err("an invalid key");
+    let failure = IdempotencyError::of(&err).expect("the middleware's error");
+    assert_eq!((failure.key(), failure.attempts()), (None, 0));
+    assert_eq!(payments.executions().await, 1);
+
+    // Methods: GET is retried without a key; a method neither keyed nor idempotent is sent once.
+    let proxy = FaultProxy::start(
+        payments.addr,
+        FaultPlan::Schedule(vec![Fault::Drop, Fault::Pass]),
+    )
+    .await
+    .expect("a proxy");
+    let plain = with(IdempotencyMiddleware::new());
+    let stats = plain
+        .get(format!("http://{}/stats", proxy.addr()))
+        .send()
+        .await
+        .expect("an answer on the second attempt");
+    let report = stats.idempotency().expect("a report").clone();
+    assert_eq!((report.key(), report.attempts()), (None, 2));
+    let not_keyed = with(IdempotencyMiddleware::new().methods([reqwest::Method::PATCH]));
+    let err = not_keyed
+        .post(format!("http://{}/payments", proxy.addr()))
+        .bearer_auth("config")
+        .header("content-type", "application/json")
+        .body(PAYMENT)
+        .send()
+        .await
+        .expect_err("the response is dropped and not retried");
+    assert!(
+        IdempotencyError::of(&err).is_none(),
+        "passed through: {err:?}"
+    );
+    assert_eq!(proxy.stats().responses, 3, "sent once");
 }
