@@ -34,7 +34,8 @@ impl Idempotency {
 /// Reads the middleware's report from a response.
 pub trait ResponseExt {
     /// The key used and whether the answer was a replay; `None` if the response did not come
-    /// through [`IdempotencyMiddleware`](crate::IdempotencyMiddleware).
+    /// through [`IdempotencyMiddleware`](crate::IdempotencyMiddleware), or came through it
+    /// untouched (a method that neither gets a key nor is idempotent by definition).
     fn idempotency(&self) -> Option<&Idempotency>;
 }
 
