@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod cluster;
+pub mod proxy;
 const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with \
     `apt-get update && apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis` \
     (macOS), or run `scripts/test.sh`, which installs it. Set REDIS_SERVER to use another binary.";
