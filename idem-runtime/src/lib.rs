@@ -8,7 +8,8 @@
 //! - [`record`]: stored responses and their versioned encoding;
 //! - [`protocol`] and [`policy`]: what a claim answers and which outcomes are stored, as plain
 //!   functions;
-//! - [`store`]: the [`Store`] trait, [`MemoryStore`] and [`RedisStore`];
+//! - [`store`]: the [`Store`] trait, [`MemoryStore`], [`RedisStore`] and (feature `postgres`)
+//!   `PostgresStore`;
 //! - [`problem`]: the `application/problem+json` errors;
 //! - [`Idempotency`]: the app-wide configuration.
 //!
@@ -32,6 +33,10 @@ pub mod store;
 
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
+#[cfg(feature = "postgres")]
+pub use sqlx;
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
 
 pub use crate::{
     config::Idempotency,

@@ -17,10 +17,14 @@ use crate::{
 
 mod cluster;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod redis;
 
 pub use self::cluster::{NotReplicated, RedisClusterStore, RedisClusterStoreBuilder};
 pub use self::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use self::postgres::{InvalidTableName, PostgresStore, PostgresStoreBuilder};
 pub use self::redis::{
     RedisStore, RedisStoreBuilder, DEFAULT_LANES, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
 };
