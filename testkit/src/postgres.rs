@@ -96,6 +96,21 @@ impl PostgresServer {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let bin = bin_dir();
         let run_as = is_root().then(|| USER.to_owned());
+        if let Some(user) = &run_as {
+            let exists = Command::new("id")
+                .arg("-u")
+                .arg(user)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                exists,
+                "the tests run as root, and initdb refuses root: the server runs as the `{user}` \
+                 user, which does not exist. The distribution's postgresql package creates it; \
+                 else `useradd --system {user}`."
+            );
+        }
         let mut last_err = String::new();
         for _ in 0..5 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
