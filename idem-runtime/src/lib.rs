@@ -28,7 +28,7 @@
 //! | `key`, `scope`, `fingerprint` | the key header, the record address (scope, key), the request fingerprint |
 //! | `record` | stored responses and the versioned binary record encoding |
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
-//! | `lifecycle` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web |
+//! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `problem` | the `application/problem+json` errors |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
@@ -52,6 +52,7 @@ mod protocol;
 mod record;
 mod scope;
 mod store;
+mod waiters;
 
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
@@ -84,6 +85,7 @@ pub mod __private {
     pub use core::time::Duration;
 
     pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec, KeyHeader};
+    pub use crate::lifecycle::HandlerTiming;
     pub use crate::policy::ServerErrors;
 }
 
