@@ -734,3 +734,12 @@ mod disconnect {
         disconnect_then_retry(Kind::Redis).await;
     }
 }
+
+/// A ttl the stores cannot keep is refused where it is set, with the bound in the message, never
+/// after a handler ran.
+// `test` names actix-web's test module here: the built-in attribute by its full path.
+#[core::prelude::v1::test]
+#[should_panic(expected = "longer than the longest allowed, 31536000s")]
+fn an_over_long_ttl_panics_at_the_setter_naming_the_bound() {
+    let _ = idem::Idempotency::new(idem::MemoryStore::new()).ttl(Duration::MAX);
+}

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
+    config::Idempotency,
     protocol::{classify, Claim},
     record::{Record, StoredResponse},
     scope::RecordKey,
@@ -127,6 +128,28 @@ impl MemoryStore {
     }
 }
 
+/// When a record written at `now` for `d` expires. A custom caller of the [`Store`] trait may pass
+/// any duration: longer than [`Idempotency::MAX_TTL`] is clamped to it (the `Idempotency` setters
+/// and the attribute refuse more), so a huge duration neither overflows nor fails.
+fn expiry(now: Instant, d: Duration) -> Instant {
+    let d = d.min(Idempotency::MAX_TTL);
+    // 365 days past now is representable on every platform; should it not be, the latest
+    // representable instant is the closest to what was asked.
+    now.checked_add(d).unwrap_or_else(|| far_future(now, d))
+}
+
+fn far_future(now: Instant, d: Duration) -> Instant {
+    let mut step = d;
+    let mut at = now;
+    while !step.is_zero() {
+        match at.checked_add(step) {
+            Some(later) => at = later,
+            None => step /= 2,
+        }
+    }
+    at
+}
+
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding the lock leaves a consistent map (every mutation is a single insert or
     // remove), so a poisoned lock is safe to keep using.
@@ -154,7 +177,7 @@ impl Store for MemoryStore {
                     fingerprint: *ticket.fingerprint(),
                     token: *ticket.token(),
                 },
-                expires_at: now + lease,
+                expires_at: expiry(now, lease),
             },
         );
         shard.inserts = shard.inserts.wrapping_add(1);
@@ -167,7 +190,7 @@ impl Store for MemoryStore {
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
         Ok(self.with_owned(ticket, |records, now| {
             if let Some(e) = records.get_mut(ticket.key()) {
-                e.expires_at = now + lease;
+                e.expires_at = expiry(now, lease);
             }
         }))
     }
@@ -186,7 +209,7 @@ impl Store for MemoryStore {
                         fingerprint: *ticket.fingerprint(),
                         response: response.clone(),
                     },
-                    expires_at: now + ttl,
+                    expires_at: expiry(now, ttl),
                 },
             );
         }))
@@ -196,5 +219,77 @@ impl Store for MemoryStore {
         Ok(self.with_owned(ticket, |records, _| {
             records.remove(ticket.key());
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+
+    fn ticket(key: u8) -> Ticket {
+        Ticket::new(
+            RecordKey::from_bytes([key; 32]),
+            Fingerprint::compute("POST", "/p", "", b"{}"),
+        )
+    }
+
+    fn response(body: &'static [u8]) -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Bytes::from_static(body),
+        }
+    }
+
+    fn longest_expiry(store: &MemoryStore) -> Duration {
+        let now = Instant::now();
+        store
+            .shards
+            .iter()
+            .flat_map(|s| {
+                lock(s)
+                    .records
+                    .values()
+                    .map(|e| e.expires_at.saturating_duration_since(now))
+                    .collect::<Vec<_>>()
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_huge_duration_is_clamped_to_the_longest_ttl() {
+        let store = MemoryStore::new();
+        let t = ticket(1);
+        assert_eq!(
+            store.claim(&t, Duration::MAX).await.expect("claims"),
+            Claim::Acquired
+        );
+        assert!(longest_expiry(&store) <= Idempotency::MAX_TTL);
+        assert_eq!(
+            store.renew(&t, Duration::MAX).await.expect("renews"),
+            Ownership::Held
+        );
+        assert_eq!(
+            store
+                .complete(&t, &response(b"paid"), Duration::MAX)
+                .await
+                .expect("completes"),
+            Ownership::Held
+        );
+        let kept = longest_expiry(&store);
+        assert!(kept <= Idempotency::MAX_TTL, "{kept:?}");
+        assert!(
+            kept > Idempotency::MAX_TTL - Duration::from_secs(60),
+            "{kept:?}"
+        );
+        assert_eq!(
+            store.claim(&t, Duration::MAX).await.expect("claims"),
+            Claim::Replay(response(b"paid"))
+        );
     }
 }
