@@ -31,7 +31,7 @@ mod body;
 mod run_to_end;
 
 use self::{
-    body::{collect_response, read_request, unstored, Collected},
+    body::{collect_response, payload_of, read_request, unstored, Collected},
     run_to_end::RunToEnd,
 };
 
@@ -273,7 +273,7 @@ where
         Err(err) if spec.fail_open => {
             record(Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
-            return run(req, Payload::from(body)).await;
+            return run(req, payload_of(body)).await;
         }
         Err(err) => {
             record(Outcome::StoreError);
@@ -291,7 +291,7 @@ where
     record(Outcome::Executed);
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
-    let execute = execute(owned, max_response, run(req, Payload::from(body)));
+    let execute = execute(owned, max_response, run(req, payload_of(body)));
     match RunToEnd::new(std::panic::AssertUnwindSafe(execute).catch_unwind()).await {
         Ok(resp) => resp,
         Err(_) => {
