@@ -743,3 +743,63 @@ mod disconnect {
 fn an_over_long_ttl_panics_at_the_setter_naming_the_bound() {
     let _ = idem::Idempotency::new(idem::MemoryStore::new()).ttl(Duration::MAX);
 }
+
+/// A full `MemoryStore` refuses new keys with 503 + `Retry-After` and evicts nothing: stored
+/// responses still replay, a request claimed before it filled still completes, and once records
+/// expire new keys run again.
+#[actix_rt::test]
+async fn a_full_memory_store_is_503_for_new_keys_and_keeps_its_records() {
+    const TTL: Duration = Duration::from_secs(4);
+    let idem = idem::Idempotency::new(idem::MemoryStore::with_capacity(4096))
+        .lease(Duration::from_millis(500))
+        .ttl(TTL);
+    let app = app(Backend { idem, server: None }).await;
+    // Two leases long: renewed while the store is full.
+    let slow = r#"{"mode":"ok","delay_ms":1000}"#;
+
+    // A slow request is claimed first; the store fills while it runs.
+    let in_flight = send(&app.service, order("/orders", "t1", Some("slow"), slow));
+    let fill = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut stored = Vec::new();
+        for i in 0..100 {
+            let key = format!("k-{i}");
+            let answer = send(&app.service, order("/orders", "t1", Some(&key), OK)).await;
+            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                return (stored, answer);
+            }
+            assert_eq!(answer.status, StatusCode::CREATED);
+            stored.push((key, answer.body));
+        }
+        panic!("a store of 4096 bytes took 100 responses");
+    };
+    let (slow_first, (stored, full)) = tokio::join!(in_flight, fill);
+    assert!(!stored.is_empty(), "some responses fit");
+    println!("a MemoryStore of 4096 bytes held {} responses", stored.len());
+    assert!(full.problem_type().ends_with("/store-unavailable"));
+    assert!(full.header("retry-after").is_some());
+    let executions = app.executions.get();
+    assert_eq!(executions, stored.len() as u64 + 1, "the refused key did not run");
+
+    // The request claimed before the store filled completed, and is replayed.
+    assert_eq!(slow_first.status, StatusCode::CREATED);
+    let slow_again = send(&app.service, order("/orders", "t1", Some("slow"), slow)).await;
+    assert!(slow_again.replayed());
+    assert_eq!(slow_again.body, slow_first.body);
+    // Every stored response is still replayed: nothing was evicted.
+    for (key, body) in &stored {
+        let again = send(&app.service, order("/orders", "t1", Some(key), OK)).await;
+        assert!(again.replayed(), "{key}");
+        assert_eq!(&again.body, body);
+    }
+    let refused = send(&app.service, order("/orders", "t1", Some("new"), OK)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.executions.get(), executions);
+
+    // Once the records expire, new keys run again.
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    let fresh = send(&app.service, order("/orders", "t1", Some("new"), OK)).await;
+    assert_eq!(fresh.status, StatusCode::CREATED);
+    assert!(!fresh.replayed());
+    assert_eq!(app.executions.get(), executions + 1);
+}
