@@ -561,6 +561,55 @@ async fn gzip_request_bodies_work_and_are_fingerprinted_as_sent(kind: Kind) {
     assert_eq!(app.executions.get(), 1);
 }
 
+/// What the fingerprint treats as the same request: the path as routed (`/or%64ers` is
+/// `/orders`), `Content-Type` up to case and whitespace, `Content-Encoding` up to case; another
+/// media type or coding with the same bytes is another request.
+async fn equivalent_requests_replay_and_different_heads_are_422(kind: Kind) {
+    let app = app(Backend::new(kind)).await;
+    let with = |path: &str, key: &str, content_type: &str| {
+        order(path, "t1", Some(key), OK).insert_header(("content-type", content_type.to_owned()))
+    };
+    let first = send(
+        &app.service,
+        with("/orders", "k", "application/json; charset=utf-8"),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for (path, content_type) in [
+        ("/or%64ers", "application/json; charset=utf-8"),
+        ("/%6Frders", "Application/JSON;charset=utf-8"),
+        ("/orders", "application/json ;  Charset = utf-8"),
+    ] {
+        let again = send(&app.service, with(path, "k", content_type)).await;
+        assert!(again.replayed(), "{path} {content_type}: {}", again.status);
+        assert_eq!(again.body, first.body);
+    }
+    for content_type in ["text/plain; charset=utf-8", "application/json"] {
+        let other = send(&app.service, with("/orders", "k", content_type)).await;
+        assert_eq!(
+            other.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{content_type}"
+        );
+    }
+    // The same bytes declared compressed are another request; the coding's case is not.
+    let gz = |encoding: &str| {
+        order("/orders", "t1", Some("gz"), "")
+            .insert_header(("content-encoding", encoding.to_owned()))
+            .set_payload(gzip(OK.as_bytes(), 6))
+    };
+    let compressed = send(&app.service, gz("gzip")).await;
+    assert_eq!(compressed.status, StatusCode::CREATED);
+    assert!(send(&app.service, gz("GZIP")).await.replayed());
+    let identity = send(
+        &app.service,
+        order("/orders", "t1", Some("gz"), "").set_payload(gzip(OK.as_bytes(), 6)),
+    )
+    .await;
+    assert_eq!(identity.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.executions.get(), 2);
+}
+
 async fn bodies_over_max_body_are_413_and_not_recorded(kind: Kind) {
     let app = app(Backend::new(kind)).await;
     let big = format!(r#"{{"mode":"ok","padding":"{}"}}"#, "x".repeat(100));
@@ -622,6 +671,7 @@ on_every_store!(
     a_panicking_handler_releases_its_key,
     gzip_request_bodies_work_and_are_fingerprinted_as_sent,
     bodies_over_max_body_are_413_and_not_recorded,
+    equivalent_requests_replay_and_different_heads_are_422,
 );
 
 /// Store faults: only a network store can be down.
@@ -775,11 +825,18 @@ async fn a_full_memory_store_is_503_for_new_keys_and_keeps_its_records() {
     };
     let (slow_first, (stored, full)) = tokio::join!(in_flight, fill);
     assert!(!stored.is_empty(), "some responses fit");
-    println!("a MemoryStore of 4096 bytes held {} responses", stored.len());
+    println!(
+        "a MemoryStore of 4096 bytes held {} responses",
+        stored.len()
+    );
     assert!(full.problem_type().ends_with("/store-unavailable"));
     assert!(full.header("retry-after").is_some());
     let executions = app.executions.get();
-    assert_eq!(executions, stored.len() as u64 + 1, "the refused key did not run");
+    assert_eq!(
+        executions,
+        stored.len() as u64 + 1,
+        "the refused key did not run"
+    );
 
     // The request claimed before the store filled completed, and is replayed.
     assert_eq!(slow_first.status, StatusCode::CREATED);

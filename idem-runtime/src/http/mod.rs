@@ -241,7 +241,7 @@ where
         record(Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
-    let mut hasher = FingerprintHasher::new(req.method().as_str(), req.path(), req.query_string());
+    let mut hasher = fingerprint_head(&req);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
@@ -299,6 +299,33 @@ where
             HttpResponse::InternalServerError().finish()
         }
     }
+}
+
+/// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the
+/// path as the router matched it, so that `/pay%6Dents` and `/payments`, which reach the same
+/// handler with the same path parameters, are the same request. actix-web decodes lossily: when
+/// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
+/// different raw paths never meet in one replacement character.
+fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
+    let routed = req.match_info().as_str();
+    let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
+        req.path()
+    } else {
+        routed
+    };
+    let values = |name| {
+        req.headers()
+            .get_all(name)
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>()
+    };
+    FingerprintHasher::new(
+        req.method().as_str(),
+        path,
+        req.query_string(),
+        &values(header::CONTENT_TYPE),
+        &values(header::CONTENT_ENCODING),
+    )
 }
 
 /// Runs the handler and reads its response while the lease is renewed, then settles.
