@@ -142,6 +142,26 @@ async fn streamed(executions: web::Data<Executions>, size: web::Path<usize>) -> 
         .streaming(futures_util::stream::iter(chunks))
 }
 
+/// A response streamed over several leases: 12 chunks, one every 200 ms, under a 600 ms lease.
+#[idempotent(require_key, scope = Tenant, lease = "600ms")]
+async fn slow_stream(executions: web::Data<Executions>) -> HttpResponse {
+    executions.0.fetch_add(1, Ordering::SeqCst);
+    let run = executions.get() as u8;
+    let chunks = futures_util::stream::unfold(0u8, move |i| async move {
+        if i == 12 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((
+            Ok::<_, actix_web::Error>(Bytes::from(vec![b'a' + run; 10])),
+            i + 1,
+        ))
+    });
+    HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .streaming(chunks)
+}
+
 struct TestApp<S> {
     service: S,
     executions: web::Data<Executions>,
@@ -173,7 +193,8 @@ async fn app(
             .route("/stripe", web::post().to(stripe_style))
             .route("/custom", web::post().to(custom_header))
             .route("/app-scoped", web::post().to(app_scoped))
-            .route("/stream/{size}", web::post().to(streamed)),
+            .route("/stream/{size}", web::post().to(streamed))
+            .route("/slow-stream", web::post().to(slow_stream)),
     )
     .await;
     TestApp {
@@ -610,6 +631,35 @@ async fn equivalent_requests_replay_and_different_heads_are_422(kind: Kind) {
     assert_eq!(app.executions.get(), 2);
 }
 
+/// The lease is renewed until the response body is read, not only while the handler function
+/// runs: a duplicate sent while the body still streams, leases after the handler returned, is
+/// told 409, and the handler runs once.
+async fn the_lease_lasts_while_a_streamed_body_is_read(kind: Kind) {
+    let app = app(Backend::new(kind)).await;
+    let request = || order("/slow-stream", "t1", Some("slow"), OK);
+    let first = send(&app.service, request());
+    let duplicate = async {
+        // Two and a half leases into the 2.4 s body.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        send(&app.service, request()).await
+    };
+    let (first, duplicate) = tokio::join!(first, duplicate);
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 120);
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CONFLICT,
+        "a duplicate while the body streamed: {:?}",
+        duplicate.body
+    );
+    assert!(duplicate.header("retry-after").is_some());
+    assert_eq!(app.executions.get(), 1);
+    let again = send(&app.service, request()).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(app.executions.get(), 1);
+}
+
 async fn bodies_over_max_body_are_413_and_not_recorded(kind: Kind) {
     let app = app(Backend::new(kind)).await;
     let big = format!(r#"{{"mode":"ok","padding":"{}"}}"#, "x".repeat(100));
@@ -672,6 +722,7 @@ on_every_store!(
     gzip_request_bodies_work_and_are_fingerprinted_as_sent,
     bodies_over_max_body_are_413_and_not_recorded,
     equivalent_requests_replay_and_different_heads_are_422,
+    the_lease_lasts_while_a_streamed_body_is_read,
 );
 
 /// Store faults: only a network store can be down.
