@@ -8,12 +8,14 @@
 //! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
 //!   registered with `App::app_data`;
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
-//!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed);
+//!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed); with the
+//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
-//! - [`deadpool_redis`] and [`redis`], re-exported so that versions cannot drift.
+//! - [`deadpool_redis`] and [`redis`] (and `sqlx` with the `postgres` feature), re-exported so
+//!   that versions cannot drift.
 //!
 //! Everything else is private. The macro's contract lives in `__private` (no stable API); test
 //! hooks live in `testing`, behind the non-default `testing` feature.
@@ -29,7 +31,7 @@
 //! | `lifecycle` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `problem` | the `application/problem+json` errors |
-//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`) |
+//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
 //! # Supported Rust versions
 //!
@@ -53,6 +55,10 @@ mod store;
 
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
+#[cfg(feature = "postgres")]
+pub use sqlx;
+#[cfg(feature = "postgres")]
+pub use store::postgres::{InvalidTableName, PostgresStore, PostgresStoreBuilder};
 
 pub use crate::{
     config::Idempotency,
