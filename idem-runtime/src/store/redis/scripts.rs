@@ -7,6 +7,7 @@ use bytes::Bytes;
 use deadpool_redis::redis::{self, Cmd, Script, Value};
 
 use crate::{
+    config::Idempotency,
     protocol::{classify, Claim},
     record::Record,
     store::{Ownership, StoreError, Ticket},
@@ -135,8 +136,11 @@ impl Arg<'_> {
     }
 }
 
-/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry".
+/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry",
+/// and at most [`Idempotency::MAX_TTL`], so that a huge duration from a custom caller of the
+/// [`Store`](crate::Store) trait is clamped instead of making Redis refuse the `PX`.
 pub(crate) fn millis(d: Duration) -> u64 {
+    let d = d.min(Idempotency::MAX_TTL);
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -210,6 +214,16 @@ mod tests {
         fingerprint::Fingerprint,
         record::{encode_completed, encode_pending, OwnerToken, StoredResponse},
     };
+
+    #[test]
+    fn millis_are_at_least_one_and_at_most_the_longest_ttl() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(10)), 1);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        let max = u64::try_from(Idempotency::MAX_TTL.as_millis()).expect("fits");
+        assert_eq!(millis(Idempotency::MAX_TTL), max);
+        assert_eq!(millis(Duration::MAX), max);
+    }
 
     /// The claim script tells an in-flight record by its 4th byte (`string.byte(v, 4) == 80`).
     #[test]
