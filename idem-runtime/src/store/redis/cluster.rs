@@ -247,13 +247,13 @@ impl RedisClusterStore {
             let route = Route::with_key(key, SlotAddr::Master);
             (lua.evalsha(key, args), lua.eval(key, args), route)
         });
-        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
         let (evalsha, eval) = (&evalsha, &eval);
         let mut values = self
             .inner
             .lanes
             .run(timeout, |mut conn| async move {
-                let values = send(&mut conn, evalsha, wait, &route).await?;
+                let values = send(&mut conn, evalsha, wait, route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
                 }
@@ -264,11 +264,11 @@ impl RedisClusterStore {
                     // promoted master has none yet): the write cannot be confirmed now, so do
                     // not wait a second time; report that count.
                     (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
-                        let mut values = send(&mut conn, eval, None, &route).await?;
+                        let mut values = send(&mut conn, eval, None, route).await?;
                         values.push(Value::Int(acked));
                         Ok(values)
                     }
-                    _ => send(&mut conn, eval, wait, &route).await,
+                    _ => send(&mut conn, eval, wait, route).await,
                 }
             })
             .await?

@@ -15,7 +15,7 @@ use deadpool_redis::{
     Pool,
 };
 
-use super::scripts::is_connection_error;
+use super::scripts::{is_broken_connection, is_connection_error};
 use crate::store::StoreError;
 
 /// A deadpool pool of multiplexed connections: one checked-out connection serves any number of
@@ -184,27 +184,46 @@ impl<P: MultiplexedPool> Lanes<P> {
 
     /// Runs `call` on a lane's connection within `timeout` (connection included). A connection
     /// error or a timeout drops the lane.
+    ///
+    /// A call whose connection broke (reset, broken pipe, closed by the server: Redis's idle
+    /// `timeout`, a `CLIENT KILL`, a proxy or load balancer that cut it) is sent once more on a
+    /// fresh connection, within the same `timeout`. This is safe for every call the stores make:
+    /// renew, complete and release are fenced by the owner token, and a claim that finds the
+    /// pending record its first attempt wrote answers `Acquired` (see `scripts::parse_claim`).
+    /// So a routine reset costs neither a 503 nor a lost completion. A timeout is not re-sent:
+    /// the connection was alive and the server slow, and the budget is spent.
     pub(crate) async fn run<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, StoreError>
     where
-        F: FnOnce(P::Conn) -> Fut,
+        F: Fn(P::Conn) -> Fut,
         Fut: Future<Output = Result<T, redis::RedisError>>,
     {
         let mut lane = None;
         let attempt = async {
-            let (i, generation, conn) = self.lane().await?;
-            lane = Some((i, generation));
-            call(conn).await.map_err(|e| {
+            let mut resent = false;
+            loop {
+                let (i, generation, conn) = self.lane().await?;
+                lane = Some((i, generation));
+                let answer = call(conn).await;
+                let e = match answer {
+                    Ok(value) => return Ok(value),
+                    Err(e) => e,
+                };
                 if is_connection_error(&e) {
                     self.drop_lane(i, generation);
                 }
+                if !resent && is_broken_connection(&e) {
+                    resent = true;
+                    tracing::debug!(error = %e, "a Redis connection broke; re-sending the call on a fresh one");
+                    continue;
+                }
                 // The connection's response timeout is the store's (see `eval`), so it races
                 // the timer below: either way the call took the whole timeout.
-                if e.is_timeout() {
+                return Err(if e.is_timeout() {
                     StoreError::Timeout(timeout)
                 } else {
                     StoreError::Unavailable(Box::new(e))
-                }
-            })
+                });
+            }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,

@@ -198,6 +198,13 @@ pub(crate) fn parse_ownership(value: &Value) -> Result<Ownership, StoreError> {
     }
 }
 
+/// Whether an error means the connection broke (reset, broken pipe, closed by the server) rather
+/// than a live connection that did not answer in time: a call that met it may be re-sent on a
+/// fresh connection (see `Lanes::run`).
+pub(crate) fn is_broken_connection(err: &redis::RedisError) -> bool {
+    !err.is_timeout() && (err.is_connection_dropped() || err.is_io_error())
+}
+
 /// Whether an error means the connection itself is no good.
 pub(crate) fn is_connection_error(err: &redis::RedisError) -> bool {
     err.is_io_error()
