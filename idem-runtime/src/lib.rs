@@ -8,7 +8,8 @@
 //! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
 //!   registered with `App::app_data`;
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
-//!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed);
+//!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
+//!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records);
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
@@ -63,7 +64,7 @@ pub use crate::{
     store::{
         memory::MemoryStore,
         redis::{
-            NotReplicated, RedisClusterStore, RedisClusterStoreBuilder, RedisStore,
+            EvictionRisk, NotReplicated, RedisClusterStore, RedisClusterStoreBuilder, RedisStore,
             RedisStoreBuilder,
         },
         Ownership, Store, StoreError, Ticket,
