@@ -19,11 +19,17 @@ mod common;
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use common::{example_binary, post, raw_request, try_request, RawResponse};
+use actix_web::{web, HttpResponse};
+use common::{example_binary, post, raw_request, try_request, RawResponse, TestServer};
+use idem::{Idempotency, RedisStore, StoreError};
 use idem_testkit::{free_port, RedisServer};
 
 /// An example app as a child process, its log in a file; SIGKILLed when dropped.
@@ -96,6 +102,30 @@ impl App {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// SIGTERM, as a deploy sends it.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the app did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for App {
@@ -119,6 +149,14 @@ fn payment(key: &str) -> Vec<u8> {
         "/payments",
         &[("authorization", "Bearer alice"), ("idempotency-key", key)],
         br#"{"amount":1000,"currency":"EUR","destination":"acct_1"}"#,
+    )
+}
+
+fn order(key: &str) -> Vec<u8> {
+    post(
+        "/orders",
+        &[("authorization", "Bearer alice"), ("idempotency-key", key)],
+        br#"{"item":"book","quantity":1}"#,
     )
 }
 
@@ -205,5 +243,279 @@ mod resets {
                 .find(|l| l.starts_with("total_connections_received"))
                 .unwrap_or_default()
         );
+    }
+}
+
+/// Eviction: a Redis that may evict records is refused unless the app accepts the risk.
+mod eviction {
+    use super::*;
+
+    fn store_on(redis: &RedisServer, allow_eviction: bool) -> RedisStore {
+        store_at(&redis.url(), allow_eviction)
+    }
+
+    fn store_at(url: &str, allow_eviction: bool) -> RedisStore {
+        let pool = idem::deadpool_redis::Config::from_url(url)
+            .create_pool(Some(idem::deadpool_redis::Runtime::Tokio1))
+            .expect("pool");
+        let builder = RedisStore::builder(pool).timeout(Duration::from_millis(500));
+        if allow_eviction {
+            builder.allow_eviction().build()
+        } else {
+            builder.build()
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Executions(Arc<AtomicU64>);
+
+    #[idem::idempotent(scope = idem::Unscoped)]
+    async fn pay(executions: web::Data<Executions>, _body: web::Bytes) -> HttpResponse {
+        executions.0.fetch_add(1, Ordering::SeqCst);
+        HttpResponse::Created().body("paid")
+    }
+
+    fn serve(store: RedisStore) -> (TestServer, Executions) {
+        let executions = Executions::default();
+        let data = web::Data::new(executions.clone());
+        let server = TestServer::start(Idempotency::new(store), move |cfg| {
+            cfg.app_data(data.clone())
+                .route("/pay", web::post().to(pay));
+        });
+        (server, executions)
+    }
+
+    async fn pay_with(addr: SocketAddr, key: &str) -> RawResponse {
+        common::send(addr, post("/pay", &[("idempotency-key", key)], b"{}")).await
+    }
+
+    fn unavailable_names_the_fix(err: &StoreError) {
+        let StoreError::Unavailable(inner) = err else {
+            panic!("not Unavailable: {err}");
+        };
+        let risk = inner
+            .downcast_ref::<idem::EvictionRisk>()
+            .unwrap_or_else(|| panic!("not an EvictionRisk: {inner}"));
+        assert_eq!(risk.policy(), "allkeys-lru");
+        let text = err.to_string();
+        assert!(
+            text.contains("CONFIG SET maxmemory-policy noeviction"),
+            "{text}"
+        );
+        assert!(text.contains("allow_eviction()"), "{text}");
+    }
+
+    /// `allkeys-lru`: `check()` fails naming the fix, a request gets 503 and the handler does not
+    /// run. Once the policy is fixed, the same app serves (it re-reads a refused policy at most
+    /// once a second).
+    #[actix_rt::test]
+    async fn an_evicting_redis_is_refused_until_its_policy_is_fixed() {
+        let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+        let store = store_on(&redis, false);
+        let err = store
+            .check()
+            .await
+            .expect_err("an evicting Redis is refused");
+        unavailable_names_the_fix(&err);
+
+        let (server, executions) = serve(store);
+        let refused = pay_with(server.addr, "k").await;
+        assert_eq!(refused.status, 503, "{}", describe(&refused));
+        assert!(refused.header("retry-after").is_some());
+        assert_eq!(executions.0.load(Ordering::SeqCst), 0, "the handler ran");
+
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+        let served = common::eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || async {
+                let r = pay_with(server.addr, "k").await;
+                (r.status != 503).then_some(r)
+            },
+        )
+        .await
+        .expect("the app serves once the policy is noeviction");
+        assert_eq!(served.status, 201, "{}", describe(&served));
+        assert_eq!(executions.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// `noeviction` (Redis's default) serves; so does `allkeys-lru` with `.allow_eviction()`.
+    #[actix_rt::test]
+    async fn noeviction_serves_and_allow_eviction_accepts_the_risk() {
+        let safe = RedisServer::start();
+        let store = store_on(&safe, false);
+        store.check().await.expect("noeviction passes");
+        let (server, executions) = serve(store);
+        assert_eq!(pay_with(server.addr, "k").await.status, 201);
+
+        let evicting = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+        let store = store_on(&evicting, true);
+        store.check().await.expect("the app accepted the risk");
+        let (server, risky) = serve(store);
+        assert_eq!(pay_with(server.addr, "k").await.status, 201);
+        assert_eq!(executions.0.load(Ordering::SeqCst), 1);
+        assert_eq!(risky.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// The examples check at start: under `allkeys-lru` the orders example exits with the fix.
+    #[test]
+    fn an_example_stops_at_start_on_an_evicting_redis() {
+        let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+        let mut app = App::spawn("orders", &[("REDIS_URL", redis.url())]);
+        let status = app.wait_exit(Duration::from_secs(20));
+        assert!(!status.success());
+        let log = app.log();
+        assert!(
+            log.contains("CONFIG SET maxmemory-policy noeviction"),
+            "the exit message does not name the fix: {log}"
+        );
+    }
+
+    /// A user whose ACL denies `CONFIG` (as on a managed Redis): the store cannot read the policy,
+    /// warns once, and serves.
+    #[test]
+    fn a_redis_that_denies_config_is_served_with_a_warning() {
+        let redis = RedisServer::start();
+        redis.cli(&[
+            "ACL", "SETUSER", "app", "on", ">secret", "~*", "&*", "+@all", "-config",
+        ]);
+        let url = format!("redis://app:secret@127.0.0.1:{}", redis.port());
+        let app = App::start("orders", &[("REDIS_URL", url)]);
+        for key in ["a", "b"] {
+            let r = raw_request(app.addr, &order(key));
+            assert_eq!(r.status, 201, "{}: {}", describe(&r), app.log());
+        }
+        let log = app.log();
+        let warnings = log
+            .matches("could not read Redis's maxmemory-policy")
+            .count();
+        assert_eq!(warnings, 1, "one warning expected: {log}");
+    }
+
+    /// A full Redis under `noeviction` refuses writes: the claim gets 503 and the handler does not
+    /// run; once memory frees, the same app serves.
+    #[actix_rt::test]
+    async fn a_full_redis_answers_503_and_the_app_recovers() {
+        let redis = RedisServer::start();
+        let store = store_on(&redis, false);
+        store.check().await.expect("noeviction passes");
+        let (server, executions) = serve(store);
+        assert_eq!(pay_with(server.addr, "before").await.status, 201);
+
+        redis.cli(&[
+            "EVAL",
+            "redis.call('SET', KEYS[1], string.rep('x', 4000000)) return 1",
+            "1",
+            "filler",
+        ]);
+        let info = redis.cli(&["INFO", "memory"]);
+        let used: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory");
+        redis.cli(&[
+            "CONFIG",
+            "SET",
+            "maxmemory",
+            &(used - 2_000_000).to_string(),
+        ]);
+
+        let full = pay_with(server.addr, "k").await;
+        assert_eq!(full.status, 503, "{}", describe(&full));
+        assert!(full.header("retry-after").is_some());
+        assert_eq!(executions.0.load(Ordering::SeqCst), 1, "the handler ran");
+
+        redis.cli(&["DEL", "filler"]);
+        let served = pay_with(server.addr, "k").await;
+        assert_eq!(served.status, 201, "{}", describe(&served));
+        assert_eq!(executions.0.load(Ordering::SeqCst), 2);
+        let replay = pay_with(server.addr, "before").await;
+        assert!(replayed(&replay), "{}", describe(&replay));
+    }
+}
+
+/// Deploys: SIGTERM waits for handlers whose client left, within the shutdown timeout.
+mod deploys {
+    use super::*;
+
+    fn orders(redis: &RedisServer, delay: Duration, lease: &str, shutdown: &str) -> App {
+        App::start(
+            "orders",
+            &[
+                ("REDIS_URL", redis.url()),
+                ("ORDERS_DELAY_MS", delay.as_millis().to_string()),
+                ("ORDERS_LEASE", lease.to_owned()),
+                ("ORDERS_STORE_TIMEOUT", "500ms".to_owned()),
+                ("ORDERS_SHUTDOWN_TIMEOUT", shutdown.to_owned()),
+            ],
+        )
+    }
+
+    /// A client sends an order to instance A and leaves half a second into its 2 s handler;
+    /// A gets SIGTERM while the handler runs on. A waits for it, stores its response and exits;
+    /// the retry on instance B replays it: one execution in total.
+    #[test]
+    fn a_deploy_lets_a_handler_whose_client_left_finish() {
+        let redis = RedisServer::start();
+        let mut a = orders(&redis, Duration::from_secs(2), "10s", "10s");
+        let b = orders(&redis, Duration::ZERO, "10s", "10s");
+
+        let mut client = std::net::TcpStream::connect(a.addr).expect("connect");
+        std::io::Write::write_all(&mut client, &order("deploy")).expect("send");
+        a.started(1);
+        std::thread::sleep(Duration::from_millis(500));
+        drop(client);
+        std::thread::sleep(Duration::from_millis(300));
+        a.terminate();
+        let status = a.wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "{status}: {}", a.log());
+
+        let retry = raw_request(b.addr, &order("deploy"));
+        assert_eq!(retry.status, 201, "{}: {}", describe(&retry), a.log());
+        assert!(
+            replayed(&retry),
+            "the handler was cut by the shutdown: {}",
+            a.log()
+        );
+        assert_eq!(b.executions(), 0);
+    }
+
+    /// The same with a shutdown timeout shorter than the handler: A stops at the timeout and cuts
+    /// the handler; its key stays pending until its lease runs out (409 meanwhile), and then a
+    /// retry on B runs it again.
+    #[test]
+    fn past_the_shutdown_timeout_the_handler_is_cut_and_the_lease_frees_its_key() {
+        let redis = RedisServer::start();
+        let mut a = orders(&redis, Duration::from_secs(6), "1s", "300ms");
+        let b = orders(&redis, Duration::ZERO, "1s", "10s");
+
+        let mut client = std::net::TcpStream::connect(a.addr).expect("connect");
+        std::io::Write::write_all(&mut client, &order("cut")).expect("send");
+        a.started(1);
+        drop(client);
+        std::thread::sleep(Duration::from_millis(300));
+        a.terminate();
+        let terminated = Instant::now();
+        a.wait_exit(Duration::from_secs(15));
+        assert!(
+            terminated.elapsed() < Duration::from_secs(5),
+            "A waited for the handler past its shutdown timeout"
+        );
+
+        let early = raw_request(b.addr, &order("cut"));
+        assert_eq!(early.status, 409, "{}", describe(&early));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let retry = loop {
+            let r = raw_request(b.addr, &order("cut"));
+            if r.status != 409 {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "the key never freed itself");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(retry.status, 201, "{}", describe(&retry));
+        assert!(!replayed(&retry));
+        assert_eq!(b.executions(), 1, "the retry ran the cut handler again");
     }
 }

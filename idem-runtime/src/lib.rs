@@ -11,6 +11,7 @@
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records);
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
+//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
@@ -30,6 +31,7 @@
 //! | `lifecycle` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `problem` | the `application/problem+json` errors |
+//! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`) |
 //!
 //! # Supported Rust versions
@@ -50,6 +52,7 @@ mod problem;
 mod protocol;
 mod record;
 mod scope;
+mod shutdown;
 mod store;
 
 pub use deadpool_redis;
@@ -61,6 +64,7 @@ pub use crate::{
     protocol::Claim,
     record::{OwnerToken, StoredResponse},
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
+    shutdown::shutdown,
     store::{
         memory::MemoryStore,
         redis::{

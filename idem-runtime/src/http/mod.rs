@@ -287,11 +287,17 @@ where
 
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
-    // finishes, so a retry finds the result (see `RunToEnd`).
+    // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     record(Outcome::Executed);
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
+    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
+    let running = crate::shutdown::Running::start();
     let execute = execute(owned, max_response, run(req, Payload::from(body)));
+    let execute = async move {
+        let _running = running;
+        execute.await
+    };
     match RunToEnd::new(std::panic::AssertUnwindSafe(execute).catch_unwind()).await {
         Ok(resp) => resp,
         Err(_) => {
