@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need where it is missing
-# (redis-server and redis-cli: the tests start their own servers on free loopback ports), then
-# checks formatting and lints and runs every test.
+# (redis-server and redis-cli, and Postgres: the tests start their own servers on free loopback
+# ports), then checks formatting and lints and runs every test with every feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,26 +14,39 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 redis-server --version
 
+# Debian and Ubuntu put initdb and postgres in /usr/lib/postgresql/<version>/bin, off PATH; the
+# testkit looks there too (and runs them as the `postgres` user when the tests run as root).
+pg_bin_dir() {
+  if command -v initdb >/dev/null 2>&1; then dirname "$(command -v initdb)"; return; fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true
+}
+if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then
+  echo "== installing postgresql"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+fi
+"$(pg_bin_dir)/postgres" --version
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy --all-features -D warnings"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 echo "== cargo build --examples"
 # The crash test (tests/reliability_crash.rs) runs the `orders` example as a child process and
 # SIGKILLs it. `cargo test --all-targets` builds examples only as test harnesses, never the runnable
 # binary, and a test must not run cargo itself: build them here.
-cargo build --workspace --examples --locked
+cargo build --workspace --examples --all-features --locked
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 
 echo "== cargo test"
-cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
+cargo test --workspace --all-targets --all-features --locked 2>&1 | tee -a "$log"
 
 echo "== doctests"
-cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+cargo test --workspace --doc --all-features --locked 2>&1 | tee -a "$log"
 
 # One closing line for the whole run (every `test result:` line summed), so that the last line says
 # what ran rather than whichever crate happened to run last.

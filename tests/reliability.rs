@@ -614,3 +614,98 @@ mod store_faults {
         hygiene(&backend).await;
     }
 }
+
+/// Duplicates that wait (`wait = "..."`) for a request in flight on another instance share one
+/// poll of the store per key in their process, and a 409's `Retry-After` follows how long the
+/// handler runs rather than the whole lease.
+mod waiting {
+    use super::*;
+
+    fn evalsha_calls(server: &idem_testkit::RedisServer) -> u64 {
+        idem_testkit::command_stats(&server.cli(&["INFO", "commandstats"]))
+            .into_iter()
+            .find_map(|(name, calls)| (name == "evalsha").then_some(calls))
+            .unwrap_or(0)
+    }
+
+    /// The first request runs for 2 s on instance A; 200 duplicates wait on instance B (the same
+    /// Redis, its own configuration: B is not told when A settles). Each waiter used to poll on
+    /// its own backoff (thousands of claims); now B's store calls are its 200 arriving claims
+    /// plus one poll per 250 ms.
+    #[actix_rt::test]
+    async fn waiters_in_one_process_share_one_poll_per_key() {
+        let lease = Duration::from_secs(30);
+        let backend = Backend::with(Kind::Redis, |i| settings(i, lease));
+        let server_b = settings(
+            Idempotency::new(redis_store(
+                backend.server.as_ref().expect("redis"),
+                Duration::from_secs(2),
+            )),
+            lease,
+        );
+        let work_a = Work::new(&[2000]);
+        let work_b = Work::new(&[2000]);
+        let a = TestServer::start(backend.idem.clone(), routes(work_a.clone()));
+        let b = TestServer::start(server_b, routes(work_b.clone()));
+        let redis = backend.server.as_ref().expect("redis");
+
+        let before = evalsha_calls(redis);
+        let addr_a = a.addr;
+        let first = tokio::task::spawn_blocking(move || {
+            common::raw_request(addr_a, &request("/wait", "w"))
+        });
+        started(&work_a, 1).await;
+        let waiting = send_concurrently(&[b.addr], request("/wait", "w"), 200).await;
+        let first = first.await.expect("the first request");
+        let calls = evalsha_calls(redis) - before;
+
+        assert_eq!(first.status, 201, "{}", describe(&first));
+        assert_eq!(work_a.executions() + work_b.executions(), 1);
+        for r in &waiting {
+            assert_eq!(r.status, 201, "{}", describe(r));
+            assert_eq!(r.body, first.body, "every waiter gets the response");
+        }
+        // A: claim, complete (no renewal within a third of 30 s). B: 200 arriving claims, then
+        // one poll per 250 ms for ~2 s; generous slack for a loaded machine.
+        eprintln!("{calls} EVALSHA for 1 execution and 200 waiters");
+        assert!(calls <= 2 + 200 + 40, "{calls} store calls");
+        hygiene(&backend).await;
+    }
+
+    /// The 409 of a duplicate says to retry after about the handler's run time (observed by this
+    /// instance, at least 1 s), not after the lease's remaining ~30 s.
+    #[actix_rt::test]
+    async fn a_409_says_retry_after_the_handlers_run_time() {
+        let backend = Backend::with(Kind::Memory, |i| settings(i, Duration::from_secs(30)));
+        let work = Work::new(&[2000]);
+        let server = TestServer::start(backend.idem.clone(), routes(work.clone()));
+        let addr = server.addr;
+        let retry_after = |r: &RawResponse| -> u64 {
+            assert_in_flight(r);
+            r.header("retry-after")
+                .and_then(|v| v.parse().ok())
+                .expect("seconds")
+        };
+
+        // Never run here yet: 1 s.
+        let first =
+            tokio::task::spawn_blocking(move || common::raw_request(addr, &request("/work", "a")));
+        started(&work, 1).await;
+        let early = send(addr, request("/work", "a")).await;
+        assert_eq!(retry_after(&early), 1, "{}", describe(&early));
+        assert_eq!(first.await.expect("first").status, 201);
+
+        // Once it ran for ~2 s: 2 or 3 (whole seconds, rounded up), never the lease's 30.
+        let second =
+            tokio::task::spawn_blocking(move || common::raw_request(addr, &request("/work", "b")));
+        started(&work, 2).await;
+        let later = send(addr, request("/work", "b")).await;
+        let after = retry_after(&later);
+        assert!(
+            (2..=3).contains(&after),
+            "Retry-After {after}: {}",
+            describe(&later)
+        );
+        assert_eq!(second.await.expect("second").status, 201);
+    }
+}

@@ -189,5 +189,6 @@ fn spec_fields(args: &Args) -> TokenStream {
         fail_open: #fail_open,
         server_errors: #server_errors,
         max_body: #max_body,
+        timing: ::idem::__private::HandlerTiming::new(),
     }
 }

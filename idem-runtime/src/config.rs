@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use actix_web::HttpRequest;
 
-use crate::{scope::ScopeId, store::Store};
+use crate::{scope::ScopeId, store::Store, waiters::Waiters};
 
 type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send + Sync;
 
@@ -41,6 +41,8 @@ pub(crate) struct Settings {
     pub(crate) max_response: usize,
     pub(crate) unavailable_retry_after: Duration,
     pub(crate) resolver: Option<Arc<Resolver>>,
+    /// The duplicates waiting for in-flight requests of this store, in this process.
+    pub(crate) waiters: Arc<Waiters>,
 }
 
 impl Idempotency {
@@ -76,6 +78,7 @@ impl Idempotency {
                 max_response: Self::DEFAULT_MAX_RESPONSE,
                 unavailable_retry_after: Self::DEFAULT_UNAVAILABLE_RETRY_AFTER,
                 resolver: None,
+                waiters: Arc::default(),
             }),
         }
     }

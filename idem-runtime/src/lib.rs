@@ -9,13 +9,15 @@
 //!   registered with `App::app_data`;
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
-//!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records);
+//!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
+//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
-//! - [`deadpool_redis`] and [`redis`], re-exported so that versions cannot drift.
+//! - [`deadpool_redis`] and [`redis`] (and `sqlx` with the `postgres` feature), re-exported so
+//!   that versions cannot drift.
 //!
 //! Everything else is private. The macro's contract lives in `__private` (no stable API); test
 //! hooks live in `testing`, behind the non-default `testing` feature.
@@ -28,11 +30,11 @@
 //! | `key`, `scope`, `fingerprint` | the key header, the record address (scope, key), the request fingerprint |
 //! | `record` | stored responses and the versioned binary record encoding |
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
-//! | `lifecycle` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web |
+//! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `problem` | the `application/problem+json` errors |
 //! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
-//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`) |
+//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
 //! # Supported Rust versions
 //!
@@ -54,9 +56,14 @@ mod record;
 mod scope;
 mod shutdown;
 mod store;
+mod waiters;
 
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
+#[cfg(feature = "postgres")]
+pub use sqlx;
+#[cfg(feature = "postgres")]
+pub use store::postgres::{InvalidTableName, PostgresStore, PostgresStoreBuilder};
 
 pub use crate::{
     config::Idempotency,
@@ -83,6 +90,7 @@ pub mod __private {
     pub use core::time::Duration;
 
     pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec, KeyHeader};
+    pub use crate::lifecycle::HandlerTiming;
     pub use crate::policy::ServerErrors;
 }
 

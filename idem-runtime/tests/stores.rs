@@ -1,4 +1,5 @@
-//! The store behavioural suite against the in-memory store and a real Redis.
+//! The store behavioural suite against the in-memory store, a real Redis and (feature `postgres`)
+//! a real Postgres.
 
 mod suite;
 
@@ -70,6 +71,8 @@ async fn redis_harness() -> Harness {
 
 suite!(memory, memory());
 suite!(redis_store, redis_harness(); corrupt_stored_values_are_errors);
+#[cfg(feature = "postgres")]
+suite!(postgres_store, postgres::harness(); corrupt_stored_values_are_errors);
 
 /// Behaviour only a network store has: scripts, connections, faults.
 mod redis_only {
@@ -207,5 +210,607 @@ mod redis_only {
             answer.expect("claim after resume"),
             Claim::InFlight { .. }
         ));
+    }
+}
+
+/// The Postgres store: its harness for the suite, and behaviour only it has (the claim under
+/// concurrent writers, the sweep, migrations, a server that goes away).
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::{
+        sync::Arc,
+        time::{Duration, Instant},
+    };
+
+    use idem_runtime::{
+        sqlx::{self, postgres::PgPoolOptions, PgPool},
+        Claim, Ownership, PostgresStore, Store, StoreError, Ticket,
+    };
+    use idem_testkit::postgres::PostgresServer;
+
+    use super::suite::{response, retry_of, ticket, Harness, LEASE, TTL};
+
+    /// A pool of `size` connections that does not ping before each checkout, as `from_url` makes.
+    async fn pool(server: &PostgresServer, size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect(&server.url())
+            .await
+            .expect("connect")
+    }
+
+    async fn migrated(store: PostgresStore) -> PostgresStore {
+        store.migrate().await.expect("migrate");
+        store
+    }
+
+    pub(super) async fn harness() -> Harness {
+        let server = PostgresServer::start();
+        let store = migrated(PostgresStore::from_url(&server.url()).expect("store")).await;
+        let probe = store.pool().clone();
+        let writer = store.pool().clone();
+        Harness {
+            store: Arc::new(store),
+            ttls: Box::new(move || {
+                let pool = probe.clone();
+                Box::pin(async move {
+                    let ttls: Vec<i64> = sqlx::query_scalar(
+                        "SELECT ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint \
+                         FROM idem_records WHERE expires_at > now()",
+                    )
+                    .fetch_all(&pool)
+                    .await
+                    .expect("ttls");
+                    ttls.into_iter().map(|ms| u64::try_from(ms).ok()).collect()
+                })
+            }),
+            // A completed row whose response column holds `bytes`.
+            write_raw: Some(Box::new(move |t: Ticket, bytes: Vec<u8>| {
+                let pool = writer.clone();
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO idem_records (key, fingerprint, state, owner, expires_at, response) \
+                         VALUES ($1, $2, 'completed', NULL, now() + interval '60 seconds', $3) \
+                         ON CONFLICT (key) DO UPDATE SET response = excluded.response",
+                    )
+                    .bind(&t.key().as_bytes()[..])
+                    .bind(&t.fingerprint().as_bytes()[..])
+                    .bind(bytes)
+                    .execute(&pool)
+                    .await
+                    .expect("write raw");
+                })
+            })),
+            // The schema's constraints keep any other shape out of the table.
+            write_foreign_type: None,
+            guard: Box::new(server),
+        }
+    }
+
+    async fn rows(pool: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM idem_records")
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    /// Many connections at once, so that claims really overlap in the database: a new key, then an
+    /// expired lease taken over by hundreds of claims, give exactly one owner each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_on_a_new_and_an_expired_record_give_one_owner() {
+        let server = PostgresServer::start();
+        let store = Arc::new(
+            migrated(
+                PostgresStore::builder(pool(&server, 64).await)
+                    .build()
+                    .expect("store"),
+            )
+            .await,
+        );
+        for round in 0..5 {
+            let t = ticket("alice", &format!("k{round}"), b"{}");
+            if round % 2 == 1 {
+                // An expired lease: every claim below finds a dead owner's row.
+                assert_eq!(
+                    store
+                        .claim(&t, Duration::from_millis(1))
+                        .await
+                        .expect("claim"),
+                    Claim::Acquired
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let barrier = Arc::new(tokio::sync::Barrier::new(500));
+            let tasks: Vec<_> = (0..500)
+                .map(|_| {
+                    let store = Arc::clone(&store);
+                    let barrier = Arc::clone(&barrier);
+                    let retry = retry_of(&t);
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        store.claim(&retry, LEASE).await
+                    })
+                })
+                .collect();
+            let (mut acquired, mut in_flight) = (0, 0);
+            for task in tasks {
+                match task.await.expect("task").expect("claim") {
+                    Claim::Acquired => acquired += 1,
+                    Claim::InFlight { .. } => in_flight += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!((acquired, in_flight), (1, 499), "round {round}");
+        }
+    }
+
+    /// A claim that races the owner's completion sees the record pending (409) or completed
+    /// (replay), never absent: it must not run the handler a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_racing_a_completion_answers_replay_never_new() {
+        let server = PostgresServer::start();
+        let store = Arc::new(
+            migrated(
+                PostgresStore::builder(pool(&server, 32).await)
+                    .build()
+                    .expect("store"),
+            )
+            .await,
+        );
+        let (mut in_flight, mut replayed) = (0, 0);
+        for round in 0..40 {
+            let owner = ticket("alice", &format!("k{round}"), b"{}");
+            assert_eq!(
+                store.claim(&owner, LEASE).await.expect("claim"),
+                Claim::Acquired
+            );
+            let barrier = Arc::new(tokio::sync::Barrier::new(21));
+            let claims: Vec<_> = (0..20)
+                .map(|_| {
+                    let store = Arc::clone(&store);
+                    let barrier = Arc::clone(&barrier);
+                    let retry = retry_of(&owner);
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        store.claim(&retry, LEASE).await
+                    })
+                })
+                .collect();
+            barrier.wait().await;
+            assert_eq!(
+                store
+                    .complete(&owner, &response(b"done"), TTL)
+                    .await
+                    .expect("complete"),
+                Ownership::Held
+            );
+            for claim in claims {
+                match claim.await.expect("task").expect("claim") {
+                    Claim::InFlight { .. } => in_flight += 1,
+                    Claim::Replay(r) => {
+                        assert_eq!(&r.body[..], b"done");
+                        replayed += 1;
+                    }
+                    other => {
+                        panic!("round {round}: a claim racing a completion answered {other:?}")
+                    }
+                }
+            }
+        }
+        assert_eq!(in_flight + replayed, 800);
+    }
+
+    /// A claim whose answer was lost is retried with the same owner token: it acquires again (with
+    /// a fresh lease) instead of answering 409 to its own request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_retried_with_its_own_token_acquires_again() {
+        let server = PostgresServer::start();
+        let store = migrated(PostgresStore::from_url(&server.url()).expect("store")).await;
+        let t = ticket("alice", "k", b"{}");
+        assert_eq!(
+            store
+                .claim(&t, Duration::from_millis(300))
+                .await
+                .expect("claim"),
+            Claim::Acquired
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            store.claim(&t, LEASE).await.expect("retried claim"),
+            Claim::Acquired
+        );
+        // The retry renewed the lease: 300 ms after the first claim, the record is still held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(matches!(
+            store.claim(&retry_of(&t), LEASE).await.expect("claim"),
+            Claim::InFlight { retry_after } if retry_after > LEASE / 2
+        ));
+        assert_eq!(
+            store
+                .complete(&t, &response(b"x"), TTL)
+                .await
+                .expect("complete"),
+            Ownership::Held
+        );
+        // Completed: the same token now replays like anyone else.
+        assert!(matches!(
+            store.claim(&t, LEASE).await.expect("claim"),
+            Claim::Replay(_)
+        ));
+    }
+
+    /// The sweep deletes expired rows, at most one batch per call and oldest first, and never a live
+    /// one, even while claims take expired rows over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweep_deletes_expired_rows_in_batches_and_never_a_live_one() {
+        let server = PostgresServer::start();
+        let store = Arc::new(
+            migrated(
+                PostgresStore::builder(pool(&server, 16).await)
+                    .sweep_batch(10)
+                    .sweeper(false)
+                    .build()
+                    .expect("store"),
+            )
+            .await,
+        );
+        let short = Duration::from_millis(50);
+        for i in 0..25 {
+            let t = ticket("alice", &format!("expired{i}"), b"{}");
+            assert_eq!(
+                store.claim(&t, short).await.expect("claim"),
+                Claim::Acquired
+            );
+        }
+        let mut live = Vec::new();
+        for i in 0..10 {
+            let t = ticket("alice", &format!("live{i}"), b"{}");
+            assert_eq!(
+                store.claim(&t, LEASE).await.expect("claim"),
+                Claim::Acquired
+            );
+            if i % 2 == 0 {
+                // A completed record whose short lease would have expired: its ttl counts now.
+                assert_eq!(
+                    store
+                        .complete(&t, &response(b"x"), TTL)
+                        .await
+                        .expect("complete"),
+                    Ownership::Held
+                );
+            }
+            live.push(t);
+        }
+        tokio::time::sleep(short * 3).await;
+        let mut batches = Vec::new();
+        loop {
+            let n = store.sweep().await.expect("sweep");
+            batches.push(n);
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(batches, [10, 10, 5, 0]);
+        assert_eq!(rows(store.pool()).await, 10);
+        for t in &live {
+            assert!(matches!(
+                store.claim(&retry_of(t), LEASE).await.expect("claim"),
+                Claim::InFlight { .. } | Claim::Replay(_)
+            ));
+        }
+
+        // Sweeps racing claims that take expired rows over: every row a claim took over survives.
+        let keys: Vec<Ticket> = (0..200)
+            .map(|i| ticket("bob", &format!("race{i}"), b"{}"))
+            .collect();
+        for t in &keys {
+            assert_eq!(store.claim(t, short).await.expect("claim"), Claim::Acquired);
+        }
+        tokio::time::sleep(short * 3).await;
+        let sweeper = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut deleted = 0;
+                for _ in 0..100 {
+                    deleted += store.sweep().await.expect("sweep");
+                }
+                deleted
+            })
+        };
+        let mut owners = Vec::new();
+        for t in &keys {
+            let retry = retry_of(t);
+            if store.claim(&retry, LEASE).await.expect("claim") == Claim::Acquired {
+                owners.push(retry);
+            }
+        }
+        let deleted = sweeper.await.expect("sweeper");
+        assert_eq!(
+            owners.len(),
+            200,
+            "every expired row is taken over or deleted, then claimed"
+        );
+        for owner in &owners {
+            assert_eq!(
+                store.renew(owner, LEASE).await.expect("renew"),
+                Ownership::Held,
+                "swept a live row"
+            );
+        }
+        assert!(deleted <= 200);
+    }
+
+    /// The sweeper runs on its own, and stops when the last clone of the store is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweeper_runs_in_the_background_and_stops_with_the_store() {
+        let server = PostgresServer::start();
+        let pool = pool(&server, 4).await;
+        let store = migrated(
+            PostgresStore::builder(pool.clone())
+                .sweep_interval(Duration::from_millis(100))
+                .build()
+                .expect("store"),
+        )
+        .await;
+        let clone = store.clone();
+        for i in 0..5 {
+            let t = ticket("alice", &format!("k{i}"), b"{}");
+            assert_eq!(
+                store
+                    .claim(&t, Duration::from_millis(10))
+                    .await
+                    .expect("claim"),
+                Claim::Acquired
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rows(&pool).await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweeper did not delete expired rows"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(store);
+        // One clone left: the sweeper still runs.
+        let t = ticket("alice", "after-first-drop", b"{}");
+        assert_eq!(
+            clone
+                .claim(&t, Duration::from_millis(10))
+                .await
+                .expect("claim"),
+            Claim::Acquired
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rows(&pool).await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweeper stopped with a clone alive"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(clone);
+        let t = ticket("alice", "after-last-drop", b"{}");
+        sqlx::query(
+            "INSERT INTO idem_records (key, fingerprint, state, owner, expires_at) \
+             VALUES ($1, $2, 'pending', $3, now() - interval '1 second')",
+        )
+        .bind(&t.key().as_bytes()[..])
+        .bind(&t.fingerprint().as_bytes()[..])
+        .bind(&t.token().as_bytes()[..])
+        .execute(&pool)
+        .await
+        .expect("insert");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(rows(&pool).await, 1, "the sweeper outlived the store");
+    }
+
+    /// A stopped server is an error within the timeout, never a hang; once it is back, the same
+    /// store works again, and the records it held are still there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_server_is_an_error_and_a_restarted_one_is_used_again() {
+        let mut server = PostgresServer::start();
+        let timeout = Duration::from_secs(1);
+        let store = migrated(
+            PostgresStore::builder(pool(&server, 4).await)
+                .timeout(timeout)
+                .build()
+                .expect("store"),
+        )
+        .await;
+        let t = ticket("alice", "k", b"{}");
+        assert_eq!(
+            store.claim(&t, LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+        server.stop();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let err = store
+                .claim(&retry_of(&t), LEASE)
+                .await
+                .expect_err("server is down");
+            assert!(
+                matches!(err, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+                "{err:?}"
+            );
+            assert!(
+                started.elapsed() < timeout + Duration::from_millis(500),
+                "took {:?}",
+                started.elapsed()
+            );
+        }
+        server.restart();
+        // Connections the restart broke fail once each at most (4 in this pool), then are replaced.
+        let mut failures = 0;
+        let answer = loop {
+            match store.claim(&retry_of(&t), LEASE).await {
+                Ok(answer) => break answer,
+                Err(e) => {
+                    failures += 1;
+                    assert!(failures <= 4, "still failing after a restart: {e}");
+                }
+            }
+        };
+        assert!(matches!(answer, Claim::InFlight { .. }), "{answer:?}");
+        assert_eq!(
+            store
+                .complete(&t, &response(b"x"), TTL)
+                .await
+                .expect("complete"),
+            Ownership::Held
+        );
+    }
+
+    /// A database that does not answer (here: a lock held elsewhere) is a timeout, not a hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_database_times_out_instead_of_hanging() {
+        let server = PostgresServer::start();
+        let timeout = Duration::from_millis(300);
+        let pool = pool(&server, 4).await;
+        let store = migrated(
+            PostgresStore::builder(pool.clone())
+                .timeout(timeout)
+                .build()
+                .expect("store"),
+        )
+        .await;
+        let t = ticket("alice", "k", b"{}");
+        assert_eq!(
+            store.claim(&t, LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("LOCK TABLE idem_records IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
+        let started = Instant::now();
+        let err = store
+            .claim(&retry_of(&t), LEASE)
+            .await
+            .expect_err("the table is locked");
+        let took = started.elapsed();
+        assert!(
+            matches!(err, StoreError::Timeout(d) if d == timeout),
+            "{err:?}"
+        );
+        assert!(took < timeout * 3, "took {took:?}");
+        tx.rollback().await.expect("rollback");
+        let mut answer = store.claim(&retry_of(&t), LEASE).await;
+        for _ in 0..3 {
+            if answer.is_ok() {
+                break;
+            }
+            answer = store.claim(&retry_of(&t), LEASE).await;
+        }
+        assert!(matches!(
+            answer.expect("claim after the lock"),
+            Claim::InFlight { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn table_names_are_checked_before_they_reach_sql() {
+        let server = PostgresServer::start();
+        let pool = pool(&server, 4).await;
+        for bad in [
+            "idem records",
+            "x; DROP TABLE y",
+            "\"quoted\"",
+            "Upper",
+            "a.b.c",
+            "",
+        ] {
+            assert!(
+                PostgresStore::builder(pool.clone())
+                    .table(bad)
+                    .build()
+                    .is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        server.psql("CREATE SCHEMA app");
+        let store = migrated(
+            PostgresStore::builder(pool.clone())
+                .table("app.records")
+                .build()
+                .expect("store"),
+        )
+        .await;
+        assert_eq!(store.table(), "app.records");
+        let t = ticket("alice", "k", b"{}");
+        assert_eq!(
+            store.claim(&t, LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+        assert_eq!(server.psql("SELECT count(*) FROM app.records"), "1");
+        assert_eq!(
+            server.psql("SELECT to_regclass('public.idem_records') IS NULL"),
+            "t"
+        );
+    }
+
+    /// Instances that start together all migrate: the advisory lock serialises them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_migrations_all_succeed() {
+        let server = PostgresServer::start();
+        let pool = pool(&server, 16).await;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = PostgresStore::builder(pool.clone()).build().expect("store");
+                tokio::spawn(async move { store.migrate().await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task").expect("migrate");
+        }
+        let store = migrated(PostgresStore::builder(pool).build().expect("store")).await;
+        let t = ticket("alice", "k", b"{}");
+        assert_eq!(
+            store.claim(&t, LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+    }
+
+    /// With `pg_stat_statements`: a claim is one statement, and so is each fenced write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_operation_is_one_statement() {
+        let server = PostgresServer::start();
+        assert!(
+            server.pg_stat_statements(),
+            "the testkit loads pg_stat_statements"
+        );
+        let store = migrated(PostgresStore::from_url(&server.url()).expect("store")).await;
+        server.psql("SELECT pg_stat_statements_reset()");
+        for i in 0..20 {
+            let t = ticket("alice", &format!("k{i}"), b"{}");
+            assert_eq!(
+                store.claim(&t, LEASE).await.expect("claim"),
+                Claim::Acquired
+            );
+            assert_eq!(
+                store.renew(&t, LEASE).await.expect("renew"),
+                Ownership::Held
+            );
+            assert_eq!(
+                store
+                    .complete(&t, &response(b"x"), TTL)
+                    .await
+                    .expect("complete"),
+                Ownership::Held
+            );
+            assert!(matches!(
+                store.claim(&retry_of(&t), LEASE).await.expect("claim"),
+                Claim::Replay(_)
+            ));
+        }
+        let calls = server.psql(
+            "SELECT string_agg(calls || ' ' || split_part(query, ' ', 1), ',' ORDER BY query) \
+             FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%'",
+        );
+        assert_eq!(calls, "40 SELECT,20 UPDATE,20 UPDATE", "{calls}");
     }
 }

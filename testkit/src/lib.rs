@@ -1,5 +1,6 @@
 //! Test support for idem: real `redis-server` processes on free loopback ports, started and stopped
-//! by the tests themselves. Never a mock, and never the machine's own Redis.
+//! by the tests themselves, and throwaway Postgres servers ([`postgres::PostgresServer`]). Never a
+//! mock, and never the machine's own Redis or Postgres.
 //!
 //! A test that needs Redis and cannot find `redis-server` fails with a message saying how to install
 //! it; it never passes by skipping.
@@ -14,6 +15,8 @@ use std::{
 };
 
 pub mod cluster;
+pub mod postgres;
+pub mod proxy;
 const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with \
     `apt-get update && apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis` \
     (macOS), or run `scripts/test.sh`, which installs it. Set REDIS_SERVER to use another binary.";

@@ -18,7 +18,7 @@ use crate::{
     config::Idempotency,
     fingerprint::FingerprintHasher,
     key::IdempotencyKey,
-    lifecycle::{self, Outcome, Owned, Policy, Settlement, StoreCompletion},
+    lifecycle::{self, HandlerTiming, Outcome, Owned, Policy, Settlement, StoreCompletion},
     policy::ServerErrors,
     problem::Problem,
     protocol::Claim,
@@ -61,7 +61,7 @@ impl KeyHeader {
 }
 
 /// A handler's settings, as the macro wrote them. `None` means "the app's default".
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HandlerSpec {
     /// The handler's name, for logs and spans.
     pub handler: &'static str,
@@ -81,6 +81,8 @@ pub struct HandlerSpec {
     pub server_errors: ServerErrors,
     /// The request body limit.
     pub max_body: Option<usize>,
+    /// How long the handler typically runs here: the hint of a 409's `Retry-After`.
+    pub timing: HandlerTiming,
 }
 
 /// The scope of handlers that name none: the app's resolver (see
@@ -256,7 +258,7 @@ where
     let ticket = Ticket::new(RecordKey::new(&scope, &key), hasher.finish());
 
     // 4. Claim.
-    match lifecycle::claim(&*settings.store, &ticket, &policy).await {
+    match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
         Ok(Claim::Acquired) => {}
         Ok(Claim::Replay(stored)) => {
             record(Outcome::Replayed);
@@ -268,6 +270,7 @@ where
         }
         Ok(Claim::InFlight { retry_after }) => {
             record(Outcome::InFlight);
+            let retry_after = lifecycle::retry_after_hint(retry_after, spec.timing.typical());
             return Problem::InFlight { retry_after }.to_response();
         }
         Err(err) if spec.fail_open => {
@@ -289,14 +292,18 @@ where
     // it finishes (the client went away), what is left of it moves to a task of its own and still
     // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     record(Outcome::Executed);
+    let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
     // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     let running = crate::shutdown::Running::start();
-    let execute = execute(owned, max_response, run(req, Payload::from(body)));
+    let started = tokio::time::Instant::now();
     let execute = async move {
         let _running = running;
-        execute.await
+        let resp = execute(owned, max_response, run(req, Payload::from(body))).await;
+        spec.timing.record(started.elapsed());
+        settings.waiters.settled(key, fingerprint);
+        resp
     };
     match RunToEnd::new(std::panic::AssertUnwindSafe(execute).catch_unwind()).await {
         Ok(resp) => resp,

@@ -18,6 +18,8 @@ use crate::{
 };
 
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod redis;
 
 /// One request's claim on a record: the record's address, the request's fingerprint and the owner

@@ -1,0 +1,110 @@
+-- The schema of idem's Postgres store (`PostgresStore`), for teams that run their own migrations.
+--
+-- `PostgresStore::migrate` runs exactly this, under an advisory lock, with the names below replaced
+-- by the configured table's: "idem_records" (the table, schema-qualified if configured),
+-- "idem_records_expires_at" (its expiry index) and "idem_records_claim" (the claim function, in
+-- the table's schema). Run it again after upgrading idem: every statement is idempotent.
+
+-- One row per record, addressed by the SHA-256 digest of (scope, key).
+CREATE TABLE IF NOT EXISTS "idem_records" (
+    -- The record's address: the 32-byte (scope, key) digest.
+    key         bytea       PRIMARY KEY CHECK (octet_length(key) = 32),
+    -- The SHA-256 fingerprint of the request that created the record.
+    fingerprint bytea       NOT NULL CHECK (octet_length(fingerprint) = 32),
+    -- 'pending' while a request runs the handler, 'completed' once its response is stored.
+    state       text        NOT NULL CHECK (state IN ('pending', 'completed')),
+    -- The lease holder's 16-byte owner token while pending; NULL once completed.
+    owner       bytea       CHECK (octet_length(owner) = 16),
+    -- The end of the lease while pending, of the ttl once completed. Compared with now() only.
+    expires_at  timestamptz NOT NULL,
+    -- The completed record in idem's versioned binary encoding (status, headers, body); NULL
+    -- while pending.
+    response    bytea,
+    CHECK (CASE state
+             WHEN 'pending' THEN owner IS NOT NULL AND response IS NULL
+             ELSE owner IS NULL AND response IS NOT NULL
+           END)
+);
+
+-- The sweep deletes expired rows oldest first, in batches.
+CREATE INDEX IF NOT EXISTS "idem_records_expires_at" ON "idem_records" (expires_at);
+
+-- Claims the record `p_key` for the request (`p_fingerprint`, `p_owner`) with a lease of
+-- `p_lease_ms`, in one call. Answers `o_acquired = true` when the request now owns the record
+-- (there was none, it had expired, or it is this owner's own pending record: a retried claim);
+-- otherwise the live record it found, with the milliseconds left before it expires.
+--
+-- Each statement below runs on a fresh snapshot (READ COMMITTED), so a row that a concurrent
+-- transaction committed while this one waited on it (the INSERT waits for a concurrent insert of
+-- the same key; the UPDATE for a concurrent take-over) is seen by the next statement. When the row
+-- changed between two statements (created, taken over or deleted by another transaction), the loop
+-- starts again; it ends as soon as nothing else touches the key for the length of one pass.
+CREATE OR REPLACE FUNCTION "idem_records_claim"(
+    p_key bytea,
+    p_fingerprint bytea,
+    p_owner bytea,
+    p_lease_ms bigint,
+    OUT o_acquired boolean,
+    OUT o_state text,
+    OUT o_fingerprint bytea,
+    OUT o_owner bytea,
+    OUT o_response bytea,
+    OUT o_remaining_ms bigint
+) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    attempt integer := 0;
+BEGIN
+    LOOP
+        attempt := attempt + 1;
+        -- 1. A live record: answer from it, writing nothing (a replay or a duplicate).
+        SELECT r.state, r.fingerprint, r.owner, r.response,
+               ceil(extract(epoch FROM r.expires_at - now()) * 1000)::bigint
+          INTO o_state, o_fingerprint, o_owner, o_response, o_remaining_ms
+          FROM "idem_records" r
+         WHERE r.key = p_key AND r.expires_at > now();
+        IF FOUND THEN
+            IF NOT (o_state = 'pending' AND o_owner = p_owner AND o_fingerprint = p_fingerprint) THEN
+                o_acquired := false;
+                RETURN;
+            END IF;
+            -- This owner's own pending record (its earlier claim's answer was lost): renew it below.
+        ELSE
+            -- 2. No record: create it. Waits for a concurrent insert of the same key to finish.
+            INSERT INTO "idem_records" (key, fingerprint, state, owner, expires_at)
+            VALUES (p_key, p_fingerprint, 'pending', p_owner,
+                    now() + p_lease_ms * interval '1 millisecond')
+            ON CONFLICT (key) DO NOTHING;
+            IF FOUND THEN
+                o_acquired := true;
+                RETURN;
+            END IF;
+        END IF;
+        -- 3. An expired record (a dead owner's lease, a record past its ttl), or this owner's own
+        -- pending one: take it over. The condition is checked again on the newest row version
+        -- after waiting for a concurrent writer, so two take-overs cannot both succeed.
+        UPDATE "idem_records" r
+           SET fingerprint = p_fingerprint,
+               state = 'pending',
+               owner = p_owner,
+               response = NULL,
+               expires_at = now() + p_lease_ms * interval '1 millisecond'
+         WHERE r.key = p_key
+           AND (r.expires_at <= now()
+                OR (r.state = 'pending' AND r.owner = p_owner AND r.fingerprint = p_fingerprint));
+        IF FOUND THEN
+            o_acquired := true;
+            o_state := NULL;
+            o_fingerprint := NULL;
+            o_owner := NULL;
+            o_response := NULL;
+            o_remaining_ms := NULL;
+            RETURN;
+        END IF;
+        -- Another transaction created, took over or deleted the record in between: look again.
+        IF attempt >= 64 THEN
+            RAISE EXCEPTION 'idem: claim gave up after % attempts on a contended key', attempt
+                USING ERRCODE = '40001';
+        END IF;
+    END LOOP;
+END
+$$;
