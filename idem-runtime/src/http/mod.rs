@@ -290,13 +290,16 @@ where
 
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
-    // finishes, so a retry finds the result (see `RunToEnd`).
+    // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     record(Outcome::Executed);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
+    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
+    let running = crate::shutdown::Running::start();
     let started = tokio::time::Instant::now();
     let execute = async move {
+        let _running = running;
         let resp = execute(owned, max_response, run(req, payload_of(body))).await;
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);

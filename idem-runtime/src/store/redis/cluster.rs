@@ -50,6 +50,7 @@ use deadpool_redis::{
 };
 
 use super::{
+    eviction::EvictionCheck,
     lanes::Lanes,
     scripts::{millis, parse_claim, parse_ownership, Arg, Lua, Scripts},
     KeyFormat, Options,
@@ -186,11 +187,28 @@ impl RedisClusterStoreBuilder {
         self
     }
 
-    /// Builds the store. No connection is made until the first call.
+    /// Serves even when a master's `maxmemory-policy` can evict keys. **A risk**: a full master
+    /// then evicts idempotency records (in-flight ones first, as they have the shortest TTL), and
+    /// a retry of an evicted request runs the handler a second time.
+    ///
+    /// Without it, the store reads the policy of every master the first time it connects and,
+    /// unless every one is `noeviction`, refuses to serve: every call fails with
+    /// [`StoreError::Unavailable`] wrapping [`EvictionRisk`](crate::EvictionRisk), and requests
+    /// get 503. A master that does not let the store read its configuration (a managed service,
+    /// an ACL that denies `CONFIG`) is served, with one warning.
+    #[must_use]
+    pub fn allow_eviction(mut self) -> Self {
+        self.options.allow_eviction = true;
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call (or
+    /// [`RedisClusterStore::check`]).
     pub fn build(self) -> RedisClusterStore {
+        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisClusterStoreBuilder");
         RedisClusterStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::new(self.pool, self.options.lanes),
+                lanes: Lanes::new(self.pool, self.options.lanes, eviction),
                 keys: self.options.keys,
                 timeout: self.options.timeout,
                 wait: self.wait,
@@ -233,6 +251,28 @@ impl RedisClusterStore {
         self.inner.lanes.pool()
     }
 
+    /// Connects and checks that the store can serve: the cluster answers, and no master's
+    /// `maxmemory-policy` can evict records (see [`RedisClusterStoreBuilder::allow_eviction`]).
+    /// Call it at start, so that a misconfigured cluster stops the app with the fix rather than
+    /// failing its requests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the cluster cannot be reached or a master's policy can
+    /// evict records (wrapping [`EvictionRisk`](crate::EvictionRisk), whose message names the
+    /// fix); [`StoreError::Timeout`] when it does not answer within the store timeout.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                redis::cmd("PING")
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            })
+            .await
+    }
+
     /// Runs `lua` on the master of `key`'s slot, pipelined with `WAIT` when `wait` is set.
     /// Answers the script's value and the number of replicas `WAIT` counted.
     async fn eval(
@@ -247,13 +287,13 @@ impl RedisClusterStore {
             let route = Route::with_key(key, SlotAddr::Master);
             (lua.evalsha(key, args), lua.eval(key, args), route)
         });
-        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
         let (evalsha, eval) = (&evalsha, &eval);
         let mut values = self
             .inner
             .lanes
             .run(timeout, |mut conn| async move {
-                let values = send(&mut conn, evalsha, wait, &route).await?;
+                let values = send(&mut conn, evalsha, wait, route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
                 }
@@ -264,11 +304,11 @@ impl RedisClusterStore {
                     // promoted master has none yet): the write cannot be confirmed now, so do
                     // not wait a second time; report that count.
                     (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
-                        let mut values = send(&mut conn, eval, None, &route).await?;
+                        let mut values = send(&mut conn, eval, None, route).await?;
                         values.push(Value::Int(acked));
                         Ok(values)
                     }
-                    _ => send(&mut conn, eval, wait, &route).await,
+                    _ => send(&mut conn, eval, wait, route).await,
                 }
             })
             .await?

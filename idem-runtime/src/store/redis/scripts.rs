@@ -40,10 +40,16 @@ return 0
 ";
 
 /// `KEYS[1]` record, `ARGV[1]` the owner's pending record, `ARGV[2]` completed record,
-/// `ARGV[3]` ttl in ms.
+/// `ARGV[3]` ttl in ms. A record that already is this very completed record answers 1: the same
+/// completion sent again after its answer was lost on a broken connection (re-sent by the lanes
+/// or retried by the lifecycle) is not a lost lease.
 const COMPLETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if v == ARGV[2] then
   return 1
 end
 return 0
@@ -194,6 +200,13 @@ pub(crate) fn parse_ownership(value: &Value) -> Result<Ownership, StoreError> {
             "a fenced write answered {other:?}"
         ))),
     }
+}
+
+/// Whether an error means the connection broke (reset, broken pipe, closed by the server) rather
+/// than a live connection that did not answer in time: a call that met it may be re-sent on a
+/// fresh connection (see `Lanes::run`).
+pub(crate) fn is_broken_connection(err: &redis::RedisError) -> bool {
+    !err.is_timeout() && (err.is_connection_dropped() || err.is_io_error())
 }
 
 /// Whether an error means the connection itself is no good.

@@ -15,6 +15,7 @@ use deadpool_redis::{
 };
 
 use super::{
+    eviction::EvictionCheck,
     lanes::Lanes,
     scripts::{parse_claim, parse_ownership, Arg, Lua, Scripts},
     KeyFormat, Options,
@@ -83,11 +84,28 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Builds the store. No connection is made until the first call.
+    /// Serves even when Redis's `maxmemory-policy` can evict keys. **A risk**: a full Redis then
+    /// evicts idempotency records (in-flight ones first, as they have the shortest TTL), and a
+    /// retry of an evicted request runs the handler a second time.
+    ///
+    /// Without it, the store reads the policy the first time it connects and, unless it is
+    /// `noeviction`, refuses to serve: every call fails with [`StoreError::Unavailable`] wrapping
+    /// [`EvictionRisk`](crate::EvictionRisk), and requests get 503. With `noeviction`, a full
+    /// Redis refuses writes instead, and requests get 503 until memory frees: the safe answer.
+    /// A server that does not let the store read its configuration (a managed Redis, an ACL that
+    /// denies `CONFIG`) is served, with one warning.
+    #[must_use]
+    pub fn allow_eviction(mut self) -> Self {
+        self.options.allow_eviction = true;
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call (or [`RedisStore::check`]).
     pub fn build(self) -> RedisStore {
+        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisStoreBuilder");
         RedisStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::per_thread(self.pool, self.options.lanes),
+                lanes: Lanes::per_thread(self.pool, self.options.lanes, eviction),
                 keys: self.options.keys,
                 timeout: self.options.timeout,
                 scripts: Scripts::new(),
@@ -127,6 +145,27 @@ impl RedisStore {
     /// The pool behind the store.
     pub fn pool(&self) -> &Pool {
         self.inner.lanes.pool()
+    }
+
+    /// Connects and checks that the store can serve: Redis answers, and its `maxmemory-policy`
+    /// cannot evict records (see [`RedisStoreBuilder::allow_eviction`]). Call it at start, so
+    /// that a misconfigured Redis stops the app with the fix rather than failing its requests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when Redis cannot be reached or its policy can evict records
+    /// (wrapping [`EvictionRisk`](crate::EvictionRisk), whose message names the fix);
+    /// [`StoreError::Timeout`] when it does not answer within the store timeout.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                deadpool_redis::redis::cmd("PING")
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            })
+            .await
     }
 
     /// The Redis key of the ticket's record (for tests that look at Redis directly).
