@@ -124,10 +124,11 @@ mod redis_only {
         for lane in 0..4 {
             let t = ticket("warm", &format!("w{lane}"), b"{}");
             store.claim(&t, LEASE).await.expect("claim");
-            store
+            let held = store
                 .complete(&t, &response(b"warm"), TTL)
                 .await
                 .expect("complete");
+            assert_eq!(held, Ownership::Held);
         }
         server.cli(&["CONFIG", "RESETSTAT"]);
         for i in 0..50 {
