@@ -52,7 +52,10 @@ use deadpool_redis::{
 use super::{
     eviction::EvictionCheck,
     lanes::Lanes,
-    scripts::{millis, parse_claim, parse_ownership, Arg, Lua, Scripts},
+    scripts::{
+        millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
+        refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
+    },
     KeyFormat, Options,
 };
 use crate::{
@@ -75,6 +78,7 @@ struct Inner {
     timeout: Duration,
     wait: Option<WaitForReplicas>,
     scripts: Scripts,
+    claim_mode: ClaimMode,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -213,6 +217,7 @@ impl RedisClusterStoreBuilder {
                 timeout: self.options.timeout,
                 wait: self.wait,
                 scripts: Scripts::new(),
+                claim_mode: ClaimMode::native(),
             }),
         }
     }
@@ -321,6 +326,51 @@ impl RedisClusterStore {
         Ok((script, values.next()))
     }
 
+    /// The native claim (`SET ... NX GET`) on the master of the record's slot, pipelined with
+    /// `WAIT` when `wait` is set. `None` when a master refused the syntax (older than Redis 7.0).
+    async fn claim_natively(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+        wait: Option<WaitForReplicas>,
+    ) -> Result<Option<(Value, Option<Value>)>, StoreError> {
+        let timeout = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w.timeout);
+        let (cmd, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            let cmd = native_claim(key, ticket.pending_record(), lease);
+            (cmd, Route::with_key(key, SlotAddr::Master))
+        });
+        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let cmd = &cmd;
+        let values = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                match send(&mut conn, cmd, wait, &route).await {
+                    Err(e) if refuses_native_claim(&e) => Ok(None),
+                    answer => answer.map(Some),
+                }
+            })
+            .await?;
+        let Some(values) = values else {
+            return Ok(None);
+        };
+        let mut values = values.into_iter();
+        let first = values
+            .next()
+            .ok_or_else(|| StoreError::Protocol("the cluster answered nothing".into()))?;
+        match first.extract_error() {
+            Ok(value) => Ok(Some((value, values.next()))),
+            Err(e) if refuses_native_claim(&e) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(Box::new(e))),
+        }
+    }
+
+    /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_with_lua(&self) {
+        self.inner.claim_mode.fall_back();
+    }
+
     /// Whether `WAIT` counted enough replicas (always, without `wait_for_replicas`).
     fn replicated(&self, acked: Option<Value>) -> Result<(), StoreError> {
         let Some(wait) = self.inner.wait else {
@@ -420,11 +470,26 @@ impl Store for RedisClusterStore {
         // The cluster client re-sends a command whose connection broke before the answer came (a
         // master failing over, a reconnect): the second attempt can find the pending record the
         // first one wrote, and `parse_claim` recognises it as this request's own claim.
-        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let (value, acked) = self
-            .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
-            .await?;
-        let claim = parse_claim(value, ticket)?;
+        let native = if self.inner.claim_mode.is_native() {
+            let answer = self.claim_natively(ticket, lease, self.inner.wait).await?;
+            if answer.is_none() {
+                self.inner.claim_mode.fall_back();
+            }
+            answer
+        } else {
+            None
+        };
+        let claim = match native {
+            Some((value, acked)) => (parse_native_claim(value, ticket, lease)?, acked),
+            None => {
+                let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+                let (value, acked) = self
+                    .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
+                    .await?;
+                (parse_claim(value, ticket)?, acked)
+            }
+        };
+        let (claim, acked) = claim;
         if claim == Claim::Acquired {
             if let Err(err) = self.replicated(acked) {
                 // The handler will not run: free the key rather than leave retries in flight until

@@ -1,5 +1,6 @@
-//! [`RedisStore`]: one key per record on one Redis server; claim, renew, complete and release are
-//! each one `EVALSHA` of the scripts in [`super::scripts`].
+//! [`RedisStore`]: one key per record on one Redis server. A claim is one native `SET ... NX GET`
+//! (Redis 7.0 and later; the claim script on an older server, detected by its first refusal);
+//! renew, complete and release are each one `EVALSHA` of the scripts in [`super::scripts`].
 //!
 //! A [`RedisStore`] gives each thread that calls it one lane (threads are numbered as they first
 //! call, modulo the number of lanes), and a lane's connection is opened by the first thread that
@@ -17,7 +18,10 @@ use deadpool_redis::{
 use super::{
     eviction::EvictionCheck,
     lanes::Lanes,
-    scripts::{parse_claim, parse_ownership, Arg, Lua, Scripts},
+    scripts::{
+        native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
+        ClaimMode, Lua, Scripts,
+    },
     KeyFormat, Options,
 };
 use crate::{
@@ -39,6 +43,7 @@ struct Inner {
     keys: KeyFormat,
     timeout: Duration,
     scripts: Scripts,
+    claim_mode: ClaimMode,
 }
 
 impl fmt::Debug for RedisStore {
@@ -109,6 +114,7 @@ impl RedisStoreBuilder {
                 keys: self.options.keys,
                 timeout: self.options.timeout,
                 scripts: Scripts::new(),
+                claim_mode: ClaimMode::native(),
             }),
         }
     }
@@ -174,6 +180,36 @@ impl RedisStore {
         self.inner.keys.string(ticket.key())
     }
 
+    /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_with_lua(&self) {
+        self.inner.claim_mode.fall_back();
+    }
+
+    /// The native claim: one `SET ... NX GET` round trip. `None` when the server refused the
+    /// syntax (older than Redis 7.0): the caller claims with the script instead.
+    async fn claim_natively(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+    ) -> Result<Option<Value>, StoreError> {
+        let cmd = self.inner.keys.with_bytes(ticket.key(), |key| {
+            native_claim(key, ticket.pending_record(), lease)
+        });
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        self.inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if refuses_native_claim(&e) => Ok(None),
+                    answer => answer.map(Some),
+                }
+            })
+            .await
+    }
+
     /// Runs `lua` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD` and a
     /// retry after `NOSCRIPT`, when the server lost its scripts).
     async fn eval(
@@ -209,6 +245,12 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        if self.inner.claim_mode.is_native() {
+            match self.claim_natively(ticket, lease).await? {
+                Some(value) => return parse_native_claim(value, ticket, lease),
+                None => self.inner.claim_mode.fall_back(),
+            }
+        }
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
         parse_claim(value, ticket)
