@@ -339,13 +339,13 @@ impl RedisClusterStore {
             let cmd = native_claim(key, ticket.pending_record(), lease);
             (cmd, Route::with_key(key, SlotAddr::Master))
         });
-        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
         let cmd = &cmd;
         let values = self
             .inner
             .lanes
             .run(timeout, |mut conn| async move {
-                match send(&mut conn, cmd, wait, &route).await {
+                match send(&mut conn, cmd, wait, route).await {
                     Err(e) if refuses_native_claim(&e) => Ok(None),
                     answer => answer.map(Some),
                 }
