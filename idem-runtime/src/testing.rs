@@ -9,7 +9,7 @@ use crate::{
     fingerprint::Fingerprint,
     key::IdempotencyKey,
     record::OwnerToken,
-    scope::{RecordKey, ScopeId},
+    scope::RecordKey,
     store::{
         memory::MemoryStore,
         redis::{scripts, KeyFormat},
@@ -25,7 +25,7 @@ use crate::{
 /// When `key` is not a valid idempotency key.
 pub fn record_key(scope: &str, key: &str) -> RecordKey {
     let key = IdempotencyKey::parse(key.as_bytes()).expect("a valid idempotency key");
-    RecordKey::new(&ScopeId::new(scope), &key)
+    RecordKey::new(scope, &key)
 }
 
 /// The fingerprint of a request.

@@ -224,8 +224,10 @@ where
     };
 
     // 2. Scope.
-    let scope = match S::from_request(&req, &mut Payload::None).await {
-        Ok(scope) => ScopeId::new(scope.scope_id()),
+    // The record's address, from the caller and the key: the key borrows the request's header
+    // and the scope its extractor, neither copied.
+    let address = match S::from_request(&req, &mut Payload::None).await {
+        Ok(scope) => RecordKey::new(&scope.scope_id(), &key),
         Err(err) => {
             record(Outcome::ScopeRefused);
             return extractor_error(err);
@@ -255,7 +257,7 @@ where
             return problem.to_response();
         }
     };
-    let ticket = Ticket::new(RecordKey::new(&scope, &key), hasher.finish());
+    let ticket = Ticket::new(address, hasher.finish());
 
     // 4. Claim.
     match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
@@ -326,19 +328,39 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
     } else {
         routed
     };
-    let values = |name| {
-        req.headers()
-            .get_all(name)
-            .map(HeaderValue::as_bytes)
-            .collect::<Vec<_>>()
+    // A header's lines, without a `Vec` for the usual zero or one line.
+    let lines = |name| {
+        let mut all = req.headers().get_all(name).map(HeaderValue::as_bytes);
+        match (all.next(), all.next()) {
+            (None, _) => Lines::None,
+            (Some(one), None) => Lines::One([one]),
+            (Some(one), Some(two)) => Lines::Many([one, two].into_iter().chain(all).collect()),
+        }
     };
     FingerprintHasher::new(
         req.method().as_str(),
         path,
         req.query_string(),
-        &values(header::CONTENT_TYPE),
-        &values(header::CONTENT_ENCODING),
+        lines(header::CONTENT_TYPE).as_slice(),
+        lines(header::CONTENT_ENCODING).as_slice(),
     )
+}
+
+/// The lines of one request header.
+enum Lines<'a> {
+    None,
+    One([&'a [u8]; 1]),
+    Many(Vec<&'a [u8]>),
+}
+
+impl<'a> Lines<'a> {
+    fn as_slice(&self) -> &[&'a [u8]] {
+        match self {
+            Self::None => &[],
+            Self::One(one) => one,
+            Self::Many(many) => many,
+        }
+    }
 }
 
 /// Runs the handler and reads its response while the lease is renewed, then settles.

@@ -179,7 +179,7 @@ pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreE
         Value::Int(1) => Ok(Claim::Acquired),
         Value::Array(items) => match <[Value; 2]>::try_from(items) {
             Ok([Value::BulkString(raw), Value::Int(pttl)]) => {
-                if raw.as_slice() == ticket.pending_record().as_ref() {
+                if raw.as_slice() == ticket.pending_record() {
                     return Ok(Claim::Acquired);
                 }
                 let record = Record::decode(Bytes::from(raw))?;
@@ -221,7 +221,7 @@ pub(crate) fn parse_native_claim(
     match value {
         Value::Nil => Ok(Claim::Acquired),
         Value::BulkString(raw) => {
-            if raw.as_slice() == ticket.pending_record().as_ref() {
+            if raw.as_slice() == ticket.pending_record() {
                 return Ok(Claim::Acquired);
             }
             let record = Record::decode(Bytes::from(raw))?;
