@@ -84,3 +84,8 @@ pub fn claim_with_lua(store: &RedisStore) {
 pub fn cluster_claim_with_lua(store: &RedisClusterStore) {
     store.claim_with_lua();
 }
+
+/// The native claim the Redis stores send: `SET <key> <pending> NX GET PX <lease_ms>`.
+pub fn claim_command(key: &[u8], pending: &[u8], lease_ms: u64) -> redis::Cmd {
+    scripts::native_claim(key, pending, Duration::from_millis(lease_ms))
+}
