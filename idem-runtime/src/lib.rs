@@ -9,7 +9,8 @@
 //!   registered with `App::app_data`;
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed); with the
-//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`;
+//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
+//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
@@ -59,7 +60,9 @@ pub use deadpool_redis::redis;
 #[cfg(feature = "postgres")]
 pub use sqlx;
 #[cfg(feature = "postgres")]
-pub use store::postgres::{InvalidTableName, PostgresStore, PostgresStoreBuilder};
+pub use store::postgres::{
+    InvalidTableName, PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder,
+};
 
 pub use crate::{
     config::Idempotency,
