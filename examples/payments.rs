@@ -319,7 +319,9 @@ fn json_config() -> web::JsonConfig {
     })
 }
 
-fn store_from_env() -> std::io::Result<Idempotency> {
+/// The store, checked at start: an unreachable Redis, or one whose `maxmemory-policy` could evict
+/// records, stops the example with the fix rather than failing its requests.
+async fn store_from_env() -> std::io::Result<Idempotency> {
     let to_io = |e: idem::StoreError| std::io::Error::other(e.to_string());
     let store = if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
         let urls: Vec<&str> = urls
@@ -328,10 +330,14 @@ fn store_from_env() -> std::io::Result<Idempotency> {
             .filter(|u| !u.is_empty())
             .collect();
         tracing::info!(nodes = ?urls, "using the Redis Cluster store");
-        Idempotency::new(idem::RedisClusterStore::from_urls(&urls).map_err(to_io)?)
+        let store = idem::RedisClusterStore::from_urls(&urls).map_err(to_io)?;
+        store.check().await.map_err(to_io)?;
+        Idempotency::new(store)
     } else if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!(%url, "using the Redis store");
-        Idempotency::new(RedisStore::from_url(&url).map_err(to_io)?)
+        let store = RedisStore::from_url(&url).map_err(to_io)?;
+        store.check().await.map_err(to_io)?;
+        Idempotency::new(store)
     } else {
         tracing::info!(
             "using the in-memory store (set REDIS_URL to share records between processes)"
@@ -368,7 +374,7 @@ fn payments_route(cfg: &mut web::ServiceConfig, transactional: bool) {
 /// see [`db::stores_from_env`]; else the store of `store_from_env` and no database.
 async fn stores_from_env() -> std::io::Result<(Idempotency, Database, bool)> {
     if std::env::var_os("DATABASE_URL").is_none() {
-        return Ok((store_from_env()?, Database(None), false));
+        return Ok((store_from_env().await?, Database(None), false));
     }
     #[cfg(feature = "postgres")]
     return db::stores_from_env().await;
@@ -432,7 +438,7 @@ mod db {
                 .map_err(|e| io(&e))?;
             create_table(&pool).await.map_err(|e| io(&e))?;
             tracing::info!("payments in Postgres, records in Redis (no transaction)");
-            return Ok((store_from_env()?, Database(Some(pool)), false));
+            return Ok((store_from_env().await?, Database(Some(pool)), false));
         }
         let store = PostgresStore::from_url(&url).map_err(|e| io(&e))?;
         store.migrate().await.map_err(|e| io(&e))?;
@@ -585,7 +591,7 @@ async fn main() -> std::io::Result<()> {
     let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
     let database = web::Data::new(database);
     tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
-    HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
@@ -597,7 +603,44 @@ async fn main() -> std::io::Result<()> {
             .service(get_payment)
             .service(stats)
     })
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
     .bind(&bind)?
-    .run()
-    .await
+    .run();
+    // On SIGTERM or Ctrl-C, wait for running payments (even those whose client left) before
+    // stopping, so that a deploy does not cut one mid-flight and leave its retry to run it again.
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        terminated().await;
+        tracing::info!("shutting down: waiting for running payments");
+        idem::shutdown(&handle, SHUTDOWN_TIMEOUT).await;
+    });
+    server.await
+}
+
+/// How long a shutdown waits for running handlers (actix-web's default shutdown timeout).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves on SIGTERM (a deploy, `docker stop`, Kubernetes) or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

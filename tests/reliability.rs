@@ -672,13 +672,27 @@ mod waiting {
         hygiene(&backend).await;
     }
 
+    /// A handler of its own: the run time a handler's 409 reports is observed per handler, and
+    /// the other tests' handlers run in this process at the same time.
+    #[idempotent(require_key)]
+    async fn timed(work: web::Data<Work>, _body: web::Bytes) -> HttpResponse {
+        work.run().await
+    }
+
     /// The 409 of a duplicate says to retry after about the handler's run time (observed by this
     /// instance, at least 1 s), not after the lease's remaining ~30 s.
     #[actix_rt::test]
     async fn a_409_says_retry_after_the_handlers_run_time() {
         let backend = Backend::with(Kind::Memory, |i| settings(i, Duration::from_secs(30)));
         let work = Work::new(&[2000]);
-        let server = TestServer::start(backend.idem.clone(), routes(work.clone()));
+        let routes = {
+            let work = work.clone();
+            move |cfg: &mut web::ServiceConfig| {
+                cfg.app_data(work.clone())
+                    .route("/work", web::post().to(timed));
+            }
+        };
+        let server = TestServer::start(backend.idem.clone(), routes);
         let addr = server.addr;
         let retry_after = |r: &RawResponse| -> u64 {
             assert_in_flight(r);

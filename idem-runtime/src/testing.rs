@@ -74,3 +74,13 @@ pub fn script_command(name: &str, key: &[u8], args: &[&[u8]]) -> Option<redis::C
 pub fn memory_ttls(store: &MemoryStore) -> Vec<Duration> {
     store.ttls()
 }
+
+/// Makes a Redis store claim with the Lua script, as it does on a server older than Redis 7.0.
+pub fn claim_with_lua(store: &RedisStore) {
+    store.claim_with_lua();
+}
+
+/// Makes a Redis Cluster store claim with the Lua script, as on masters older than Redis 7.0.
+pub fn cluster_claim_with_lua(store: &RedisClusterStore) {
+    store.claim_with_lua();
+}

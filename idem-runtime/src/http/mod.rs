@@ -32,7 +32,7 @@ mod run_to_end;
 mod transaction;
 
 use self::{
-    body::{collect_response, read_request, unstored, Collected},
+    body::{collect_response, payload_of, read_request, unstored, Collected},
     run_to_end::RunToEnd,
     transaction::RequestTransaction,
 };
@@ -249,7 +249,7 @@ where
         record(Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
-    let mut hasher = FingerprintHasher::new(req.method().as_str(), req.path(), req.query_string());
+    let mut hasher = fingerprint_head(&req);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
@@ -282,7 +282,7 @@ where
         Err(err) if spec.fail_open => {
             record(Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
-            let resp = run(req, Payload::from(body)).await;
+            let resp = run(req, payload_of(body)).await;
             return txn.finish_unrecorded(resp).await;
         }
         Err(err) => {
@@ -297,14 +297,17 @@ where
 
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
-    // finishes, so a retry finds the result (see `RunToEnd`).
+    // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     record(Outcome::Executed);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
+    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
+    let running = crate::shutdown::Running::start();
     let started = tokio::time::Instant::now();
     let execute = async move {
-        let resp = execute(owned, max_response, txn, run(req, Payload::from(body))).await;
+        let _running = running;
+        let resp = execute(owned, max_response, txn, run(req, payload_of(body))).await;
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp
@@ -316,6 +319,33 @@ where
             HttpResponse::InternalServerError().finish()
         }
     }
+}
+
+/// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the
+/// path as the router matched it, so that `/pay%6Dents` and `/payments`, which reach the same
+/// handler with the same path parameters, are the same request. actix-web decodes lossily: when
+/// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
+/// different raw paths never meet in one replacement character.
+fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
+    let routed = req.match_info().as_str();
+    let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
+        req.path()
+    } else {
+        routed
+    };
+    let values = |name| {
+        req.headers()
+            .get_all(name)
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>()
+    };
+    FingerprintHasher::new(
+        req.method().as_str(),
+        path,
+        req.query_string(),
+        &values(header::CONTENT_TYPE),
+        &values(header::CONTENT_ENCODING),
+    )
 }
 
 /// Runs the handler and reads its response while the lease is renewed, then settles.

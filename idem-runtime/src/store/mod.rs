@@ -107,6 +107,19 @@ pub enum StoreError {
     /// The response cannot be encoded for storage.
     #[error("the response cannot be stored: {0}")]
     Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store holds as many records as its capacity allows ([`MemoryStore::with_capacity`],
+    /// in bytes), even after dropping the expired ones: a new claim is refused (503 with
+    /// `Retry-After`) rather than evicting a live record early, which would break its replays.
+    ///
+    /// [`MemoryStore::with_capacity`]: crate::MemoryStore::with_capacity
+    #[error(
+        "the idempotency store is full (capacity {capacity} bytes): no new request can be \
+         claimed until records expire"
+    )]
+    Full {
+        /// The capacity, in bytes.
+        capacity: usize,
+    },
     /// The store answered something the protocol does not allow.
     #[error("the idempotency store answered unexpectedly: {0}")]
     Protocol(String),

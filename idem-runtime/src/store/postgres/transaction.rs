@@ -364,6 +364,8 @@ impl Completion for TransactionCompletion {
         ticket: &Ticket,
         response: &StoredResponse,
         ttl: Duration,
+        // A commit is not safe to re-send: a failure is answered with a 503 instead.
+        _retry_for: Duration,
     ) -> Result<Ownership, StoreError> {
         let shared = &*self.0;
         let Some(mut txn) = shared.take()? else {
