@@ -7,7 +7,18 @@
 //! - serves on `127.0.0.1:8080` (`BIND` overrides);
 //! - uses Redis when `REDIS_URL` is set, a Redis Cluster when `REDIS_CLUSTER_URLS` (comma-separated
 //!   node URLs) is set, and the in-memory store otherwise (it logs which);
-//! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler (default 0).
+//! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler, before the payment
+//!   is written (default 0); `PAYMENTS_COMMIT_DELAY_MS` a wait after it is written and before the
+//!   handler returns (default 0: in the transactional mode, before the commit);
+//!   `PAYMENTS_LEASE_MS` sets the idempotency lease (default 30 s);
+//! - with `DATABASE_URL=postgres://...` (feature `postgres`) the payments live in a Postgres table
+//!   `payments`, created at start: without `REDIS_URL`, the records are in a `PostgresStore` on
+//!   the same database and each payment is written in the same transaction as its completed
+//!   record (the transactional mode); with `REDIS_URL`, the records are in Redis and the payment
+//!   is written on its own (no transaction).
+//!
+//! `GET /stats` answers `{"executions": N, "payments": M}`: the handler's executions in this
+//! process, and the payments stored (rows in Postgres with `DATABASE_URL`, else this process's).
 //!
 //! Every request names its client with `Authorization: Bearer <token>`; the client is the
 //! idempotency scope, so two clients can use the same key without seeing each other's payments.
@@ -26,7 +37,7 @@ use actix_web::{
     error::InternalError,
     get,
     http::{header, StatusCode},
-    post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, Responder,
+    post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer,
 };
 use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
 use serde::{Deserialize, Serialize};
@@ -45,7 +56,7 @@ struct Payment {
     amount: u64,
     currency: String,
     destination: String,
-    status: &'static str,
+    status: String,
     created_at: String,
 }
 
@@ -123,12 +134,16 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
 
 #[post("/payments")]
 #[idempotent(ttl = "24h", require_key)]
+#[allow(clippy::too_many_arguments)]
 async fn create_payment(
+    req: HttpRequest,
     client: Client,
     ledger: web::Data<Ledger>,
     delay: web::Data<Delay>,
+    commit_delay: web::Data<CommitDelay>,
+    database: web::Data<Database>,
     body: web::Json<NewPayment>,
-) -> impl Responder {
+) -> actix_web::Result<HttpResponse> {
     ledger.executions.fetch_add(1, Ordering::SeqCst);
     if !delay.0.is_zero() {
         tokio::time::sleep(delay.0).await;
@@ -136,62 +151,114 @@ async fn create_payment(
     let (amount, currency, destination) = match validate(&body) {
         Ok(fields) => fields,
         Err(detail) => {
-            return problem(
+            return Ok(problem(
                 StatusCode::BAD_REQUEST,
                 "invalid-payment",
                 "Invalid payment",
                 &detail,
-            )
+            ))
         }
     };
-    match destination.as_str() {
-        "decline" => {
-            return problem(
-                StatusCode::PAYMENT_REQUIRED,
-                "card-declined",
-                "Payment declined",
-                "The processor declined the payment.",
-            )
-        }
-        "unavailable" => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "processor-unavailable",
-                "Processor unavailable",
-                "The payment processor is unavailable; retry with the same key.",
-            )
-        }
-        _ => {}
+    if let Some(answer) = declined(&destination) {
+        return Ok(answer);
     }
-    let payment = Payment {
-        id: format!("pay_{:016x}", rand::random::<u64>()),
-        amount,
-        currency,
-        destination,
-        status: "pending",
-        created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-    };
-    ledger
-        .payments
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert((client.0, payment.id.clone()), payment.clone());
+    let payment = Payment::new(amount, currency, destination);
+    #[cfg(not(feature = "postgres"))]
+    let _ = req;
+    match &database.0 {
+        // DATABASE_URL with REDIS_URL: the payment row, on its own (no transaction).
+        #[cfg(feature = "postgres")]
+        Some(pool) => {
+            let key = idempotency_key(&req);
+            if let Err(e) = db::insert(pool, &client.0, &key, &payment).await {
+                return Ok(db::unavailable(&e));
+            }
+        }
+        _ => {
+            ledger
+                .payments
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert((client.0, payment.id.clone()), payment.clone());
+        }
+    }
+    if !commit_delay.0.is_zero() {
+        tokio::time::sleep(commit_delay.0).await;
+    }
+    Ok(created(&payment))
+}
+
+impl Payment {
+    fn new(amount: u64, currency: String, destination: String) -> Self {
+        Self {
+            id: format!("pay_{:016x}", rand::random::<u64>()),
+            amount,
+            currency,
+            destination,
+            status: "pending".to_owned(),
+            created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+}
+
+/// The 201 of a payment.
+fn created(payment: &Payment) -> HttpResponse {
     HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/payments/{}", payment.id)))
         .json(payment)
+}
+
+/// The request's `Idempotency-Key`, as sent (the handler requires one).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+fn idempotency_key(req: &HttpRequest) -> String {
+    req.headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The answer to a payment for `destination` other than a 201: `decline` (402), `unavailable`
+/// (503, not stored: a retry runs again).
+fn declined(destination: &str) -> Option<HttpResponse> {
+    match destination {
+        "decline" => Some(problem(
+            StatusCode::PAYMENT_REQUIRED,
+            "card-declined",
+            "Payment declined",
+            "The processor declined the payment.",
+        )),
+        "unavailable" => Some(problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "processor-unavailable",
+            "Processor unavailable",
+            "The payment processor is unavailable; retry with the same key.",
+        )),
+        _ => None,
+    }
 }
 
 #[get("/payments/{id}")]
 async fn get_payment(
     client: Client,
     ledger: web::Data<Ledger>,
+    database: web::Data<Database>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    let payments = ledger
-        .payments
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    match payments.get(&(client.0, id.into_inner())) {
+    let found = match &database.0 {
+        #[cfg(feature = "postgres")]
+        Some(pool) => match db::find(pool, &client.0, &id).await {
+            Ok(found) => found,
+            Err(e) => return db::unavailable(&e),
+        },
+        _ => ledger
+            .payments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(client.0, id.into_inner()))
+            .cloned(),
+    };
+    match found {
         Some(payment) => HttpResponse::Ok().json(payment),
         None => problem(
             StatusCode::NOT_FOUND,
@@ -203,12 +270,38 @@ async fn get_payment(
 }
 
 #[get("/stats")]
-async fn stats(ledger: web::Data<Ledger>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "executions": ledger.executions.load(Ordering::SeqCst) }))
+async fn stats(ledger: web::Data<Ledger>, database: web::Data<Database>) -> HttpResponse {
+    let payments = match &database.0 {
+        #[cfg(feature = "postgres")]
+        Some(pool) => match db::count(pool).await {
+            Ok(n) => n,
+            Err(e) => return db::unavailable(&e),
+        },
+        _ => ledger
+            .payments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64,
+    };
+    HttpResponse::Ok().json(json!({
+        "executions": ledger.executions.load(Ordering::SeqCst),
+        "payments": payments,
+    }))
 }
 
-/// Simulated processor latency.
+/// Simulated processor latency, before the payment is written.
 struct Delay(Duration);
+
+/// A wait after the payment is written, before the handler returns (and, in the transactional
+/// mode, before the commit).
+struct CommitDelay(Duration);
+
+/// The Postgres pool holding the payments table, with `DATABASE_URL`.
+#[cfg(feature = "postgres")]
+struct Database(Option<idem::sqlx::PgPool>);
+/// Without the `postgres` feature there is no database.
+#[cfg(not(feature = "postgres"))]
+struct Database(Option<std::convert::Infallible>);
 
 fn json_config() -> web::JsonConfig {
     web::JsonConfig::default().error_handler(|err, _req| {
@@ -254,6 +347,230 @@ async fn store_from_env() -> std::io::Result<Idempotency> {
     Ok(store.scope_resolver(|req| client_of(req).map(ScopeId::new)))
 }
 
+/// A whole number of milliseconds from the environment, if set.
+fn millis_from_env(name: &str) -> std::io::Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|e| std::io::Error::other(format!("{name} must be a whole number: {e}"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `POST /payments`: the transactional handler when the records are in Postgres, else the
+/// plain one.
+fn payments_route(cfg: &mut web::ServiceConfig, transactional: bool) {
+    #[cfg(feature = "postgres")]
+    if transactional {
+        cfg.service(db::create_payment_in_transaction);
+        return;
+    }
+    let _ = transactional;
+    cfg.service(create_payment);
+}
+
+/// The idempotency store and the payments database from the environment: with `DATABASE_URL`,
+/// see [`db::stores_from_env`]; else the store of `store_from_env` and no database.
+async fn stores_from_env() -> std::io::Result<(Idempotency, Database, bool)> {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        return Ok((store_from_env().await?, Database(None), false));
+    }
+    #[cfg(feature = "postgres")]
+    return db::stores_from_env().await;
+    #[cfg(not(feature = "postgres"))]
+    Err(std::io::Error::other(
+        "DATABASE_URL needs the `postgres` feature: cargo run --features postgres --example payments",
+    ))
+}
+
+/// The payments in Postgres (`DATABASE_URL`, feature `postgres`).
+#[cfg(feature = "postgres")]
+mod db {
+    use actix_web::{post, web, HttpRequest, HttpResponse};
+    use idem::{
+        idempotent,
+        sqlx::{self, PgPool},
+        Idempotency, PgTransaction, PostgresStore, ScopeId,
+    };
+
+    use super::{
+        client_of, created, declined, idempotency_key, problem, store_from_env, validate, Client,
+        CommitDelay, Database, Delay, Ledger, NewPayment, Payment,
+    };
+
+    /// The advisory lock under which instances starting together create the table.
+    const SETUP_LOCK: i64 = 0x7061_796d_656e_7473;
+
+    /// The payments table, created where missing, under an advisory lock (one simple-protocol
+    /// message: one implicit transaction that holds the lock), so that instances starting at
+    /// once do not race on `CREATE TABLE IF NOT EXISTS`.
+    async fn create_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(&format!(
+            "SELECT pg_advisory_xact_lock({SETUP_LOCK});
+             CREATE TABLE IF NOT EXISTS payments (
+                 id              text PRIMARY KEY,
+                 client          text NOT NULL,
+                 idempotency_key text NOT NULL,
+                 amount          bigint NOT NULL,
+                 currency        text NOT NULL,
+                 destination     text NOT NULL,
+                 status          text NOT NULL,
+                 created_at      text NOT NULL
+             );"
+        ))
+        .execute(pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// With `REDIS_URL` (or `REDIS_CLUSTER_URLS`): records in Redis, payments in Postgres, written
+    /// on their own. Without: records in a `PostgresStore` on the same database, each payment
+    /// written in its record's transaction.
+    pub(super) async fn stores_from_env() -> std::io::Result<(Idempotency, Database, bool)> {
+        let url = std::env::var("DATABASE_URL").unwrap_or_default();
+        let io = |e: &dyn std::fmt::Display| std::io::Error::other(format!("DATABASE_URL: {e}"));
+        let redis = std::env::var_os("REDIS_URL").is_some()
+            || std::env::var_os("REDIS_CLUSTER_URLS").is_some();
+        if redis {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy(&url)
+                .map_err(|e| io(&e))?;
+            create_table(&pool).await.map_err(|e| io(&e))?;
+            tracing::info!("payments in Postgres, records in Redis (no transaction)");
+            return Ok((store_from_env().await?, Database(Some(pool)), false));
+        }
+        let store = PostgresStore::from_url(&url).map_err(|e| io(&e))?;
+        store.migrate().await.map_err(|e| io(&e))?;
+        create_table(store.pool()).await.map_err(|e| io(&e))?;
+        tracing::info!(
+            "payments and records in Postgres: each payment commits with its record (transactional mode)"
+        );
+        let pool = store.pool().clone();
+        let idempotency =
+            Idempotency::new(store).scope_resolver(|req| client_of(req).map(ScopeId::new));
+        Ok((idempotency, Database(Some(pool)), true))
+    }
+
+    /// Writes the payment row, keeping the idempotency key that created it (for audits, and
+    /// to count duplicates in the crash test).
+    pub(super) async fn insert(
+        conn: impl sqlx::PgExecutor<'_>,
+        client: &str,
+        key: &str,
+        p: &Payment,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO payments (id, client, idempotency_key, amount, currency, destination, \
+             status, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&p.id)
+        .bind(client)
+        .bind(key)
+        .bind(i64::try_from(p.amount).unwrap_or(i64::MAX))
+        .bind(&p.currency)
+        .bind(&p.destination)
+        .bind(&p.status)
+        .bind(&p.created_at)
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn find(
+        pool: &PgPool,
+        client: &str,
+        id: &str,
+    ) -> Result<Option<Payment>, sqlx::Error> {
+        let row: Option<(String, i64, String, String, String, String)> = sqlx::query_as(
+            "SELECT id, amount, currency, destination, status, created_at FROM payments \
+             WHERE client = $1 AND id = $2",
+        )
+        .bind(client)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        Ok(row.map(
+            |(id, amount, currency, destination, status, created_at)| Payment {
+                id,
+                amount: u64::try_from(amount).unwrap_or(0),
+                currency,
+                destination,
+                status,
+                created_at,
+            },
+        ))
+    }
+
+    pub(super) async fn count(pool: &PgPool) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+            .fetch_one(pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(super) fn unavailable(e: &sqlx::Error) -> HttpResponse {
+        tracing::error!(error = %e, "the payments database failed");
+        problem(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "database-unavailable",
+            "Database unavailable",
+            "The payments database is unavailable; retry with the same key.",
+        )
+    }
+
+    /// `POST /payments` in the transactional mode: the payment row is written first, through
+    /// the request's transaction, then the handler meets its outcome. The runtime commits the row
+    /// with the completed record, or rolls it back (a 503 here, a crash, a lost lease).
+    #[post("/payments")]
+    #[idempotent(ttl = "24h", require_key)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn create_payment_in_transaction(
+        req: HttpRequest,
+        client: Client,
+        ledger: web::Data<Ledger>,
+        delay: web::Data<Delay>,
+        commit_delay: web::Data<CommitDelay>,
+        mut tx: PgTransaction,
+        body: web::Json<NewPayment>,
+    ) -> actix_web::Result<HttpResponse> {
+        ledger
+            .executions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !delay.0.is_zero() {
+            tokio::time::sleep(delay.0).await;
+        }
+        let (amount, currency, destination) = match validate(&body) {
+            Ok(fields) => fields,
+            Err(detail) => {
+                return Ok(problem(
+                    actix_web::http::StatusCode::BAD_REQUEST,
+                    "invalid-payment",
+                    "Invalid payment",
+                    &detail,
+                ))
+            }
+        };
+        // A declined card moves no money: nothing to write.
+        if let Some(answer) = declined(&destination).filter(|_| destination == "decline") {
+            return Ok(answer);
+        }
+        let payment = Payment::new(amount, currency, destination);
+        let key = idempotency_key(&req);
+        if let Err(e) = insert(&mut *tx.acquire().await?, &client.0, &key, &payment).await {
+            return Ok(unavailable(&e));
+        }
+        if !commit_delay.0.is_zero() {
+            tokio::time::sleep(commit_delay.0).await;
+        }
+        // `unavailable`: a 503 after the write, which the runtime rolls back.
+        if let Some(answer) = declined(&payment.destination) {
+            return Ok(answer);
+        }
+        Ok(created(&payment))
+    }
+}
+
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
@@ -262,23 +579,27 @@ async fn main() -> std::io::Result<()> {
         )
         .init();
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
-    let delay_ms = match std::env::var("PAYMENTS_DELAY_MS") {
-        Ok(v) => v.parse::<u64>().map_err(|e| {
-            std::io::Error::other(format!("PAYMENTS_DELAY_MS must be a whole number: {e}"))
-        })?,
-        Err(_) => 0,
+    let delay_ms = millis_from_env("PAYMENTS_DELAY_MS")?.unwrap_or(0);
+    let commit_delay_ms = millis_from_env("PAYMENTS_COMMIT_DELAY_MS")?.unwrap_or(0);
+    let (idempotency, database, transactional) = stores_from_env().await?;
+    let idempotency = match millis_from_env("PAYMENTS_LEASE_MS")? {
+        Some(ms) => idempotency.lease(Duration::from_millis(ms.max(1))),
+        None => idempotency,
     };
-    let idempotency = store_from_env().await?;
     let ledger = web::Data::new(Ledger::default());
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
-    tracing::info!(%bind, delay_ms, "payments example listening");
+    let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
+    let database = web::Data::new(database);
+    tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
     let server = HttpServer::new(move || {
         App::new()
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
             .app_data(delay.clone())
+            .app_data(commit_delay.clone())
+            .app_data(database.clone())
             .app_data(json_config())
-            .service(create_payment)
+            .configure(|cfg| payments_route(cfg, transactional))
             .service(get_payment)
             .service(stats)
     })

@@ -60,6 +60,13 @@ impl FromRequest for Account {
     }
 }
 
+impl Account {
+    /// The bearer token.
+    pub(crate) fn name(&self) -> &str {
+        &self.0
+    }
+}
+
 impl IdempotencyScope for Account {
     fn scope_id(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.0)
@@ -89,7 +96,7 @@ struct Payment<'a> {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The business handler every row runs: a 201 with a JSON body and a `Location`.
-fn payment(account: &Account, body: &NewPayment) -> (String, Vec<u8>) {
+pub(crate) fn payment(account: &Account, body: &NewPayment) -> (String, Vec<u8>) {
     let id = format!("pay_{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let json = serde_json::to_vec(&Payment {
         id: &id,

@@ -6,6 +6,7 @@
 //! (thermal, a noisy neighbour) hits every row alike; the table shows each row's median.
 
 mod app;
+mod pg;
 mod probe;
 mod wrk;
 
@@ -33,6 +34,8 @@ struct Options {
     lanes: usize,
     rows: Vec<String>,
     hold: bool,
+    postgres: bool,
+    preload: bool,
 }
 
 impl Options {
@@ -49,6 +52,8 @@ impl Options {
             lanes: idem::RedisStore::DEFAULT_LANES,
             rows: DEFAULT_ROWS.iter().map(|s| (*s).to_owned()).collect(),
             hold: false,
+            postgres: false,
+            preload: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -81,6 +86,11 @@ impl Options {
                         .collect();
                 }
                 "--hold" => o.hold = true,
+                "--postgres" => o.postgres = true,
+                "--preload" => {
+                    o.postgres = true;
+                    o.preload = true;
+                }
                 "-h" | "--help" => {
                     println!("{HELP}");
                     std::process::exit(0);
@@ -115,7 +125,13 @@ options:
   --workers N      actix workers (default 1)
   --lanes N        RedisStore lanes (default: the library's DEFAULT_LANES)
   --rows a,b,...   rows to run (default: all but the extra connection-setup rows)
-  --hold           after the table, keep the servers up for a profiler until stdin closes";
+  --hold           after the table, keep the servers up for a profiler until stdin closes
+  --postgres       the Postgres rows instead: PostgresStore first requests and replays and the
+                   transactional mode, each against a hand-written floor on the same pool, with
+                   statements per request from pg_stat_statements (--seconds, --threads,
+                   --connections and --workers apply)
+  --preload        with --postgres: then load 10^6 live and 10^6 expired records, run the
+                   first-request rows again, and measure the sweep's rate";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seed {
@@ -664,6 +680,21 @@ fn check_endpoints(port: u16) -> Result<(), String> {
 
 fn run() -> Result<(), String> {
     let opts = Options::parse()?;
+    if opts.postgres {
+        let script = script_file()?;
+        let report = pg::run(
+            &pg::PgOptions {
+                seconds: opts.seconds,
+                load: opts.load,
+                workers: opts.workers,
+                preload: opts.preload,
+            },
+            &script,
+        );
+        let _ = std::fs::remove_file(&script);
+        print!("{}", report?);
+        return Ok(());
+    }
     let started = Instant::now();
     let redis = RedisServer::start();
     let server = app::start(&app::AppConfig {

@@ -10,7 +10,8 @@
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
-//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`;
+//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
+//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
@@ -63,7 +64,9 @@ pub use deadpool_redis::redis;
 #[cfg(feature = "postgres")]
 pub use sqlx;
 #[cfg(feature = "postgres")]
-pub use store::postgres::{InvalidTableName, PostgresStore, PostgresStoreBuilder};
+pub use store::postgres::{
+    InvalidTableName, PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder,
+};
 
 pub use crate::{
     config::Idempotency,

@@ -56,6 +56,10 @@ pub(crate) enum Outcome {
     ExecutedReleased,
     /// The handler panicked; its key was released.
     Panicked,
+    /// The handler ran in a database transaction that was rolled back because its record could
+    /// not be completed in it (the lease was lost, or the completion or the commit failed): its
+    /// writes are undone, its response is replaced by a 503.
+    RolledBack,
     /// A stored response was replayed.
     Replayed,
     /// The key was used before for a different request: 422.
@@ -89,6 +93,7 @@ impl Outcome {
             Self::Executed => "executed",
             Self::ExecutedReleased => "executed_released",
             Self::Panicked => "panicked",
+            Self::RolledBack => "rolled_back",
             Self::Replayed => "replayed",
             Self::Mismatch => "mismatch",
             Self::InFlight => "in_flight",
@@ -270,6 +275,12 @@ pub(crate) trait Completion: Send {
 
     /// The response is not stored: undo whatever the completion holds (a transaction rolls back).
     async fn abandon(self: Box<Self>) {}
+
+    /// Whether the handler's own writes stand or fall with this completion (a transaction that
+    /// holds them): then a completion that did not happen means the response must not be sent.
+    fn holds_the_handlers_writes(&self) -> bool {
+        false
+    }
 }
 
 /// The default [`Completion`]: the store's own `complete`.
@@ -387,6 +398,7 @@ impl Owned {
         };
         match policy::disposition(response.status, self.policy.server_errors) {
             Disposition::Store => {
+                let binding = completion.holds_the_handlers_writes();
                 let written = completion
                     .complete(
                         &*self.store,
@@ -398,6 +410,23 @@ impl Owned {
                     .await;
                 match written {
                     Ok(Ownership::Held) => {}
+                    // The handler's writes were rolled back with the completion: its response
+                    // would tell the client about work that did not happen.
+                    Ok(Ownership::Lost) if binding => {
+                        tracing::warn!(
+                            "the lease was lost before completion: the handler's transaction was rolled back; answering 503"
+                        );
+                        return Outcome::RolledBack;
+                    }
+                    Err(err) if binding => {
+                        tracing::error!(
+                            error = %err,
+                            "the handler's transaction was not committed (or its commit is unknown): answering 503"
+                        );
+                        // Fenced on the pending record: a no-op if the commit did happen.
+                        self.release().await;
+                        return Outcome::RolledBack;
+                    }
                     Ok(Ownership::Lost) => tracing::warn!(
                         "the lease was lost before completion: the response was sent but not stored"
                     ),
@@ -869,6 +898,51 @@ mod tests {
         );
     }
 
+    /// A completion that holds the handler's writes (a transaction) and fails as told.
+    struct Binding(Result<Ownership, ()>);
+
+    #[async_trait]
+    impl Completion for Binding {
+        async fn complete(
+            self: Box<Self>,
+            _: &dyn Store,
+            _: &Ticket,
+            _: &StoredResponse,
+            _: Duration,
+            _: Duration,
+        ) -> Result<Ownership, StoreError> {
+            self.0
+                .map_err(|()| StoreError::Timeout(Duration::from_millis(1)))
+        }
+
+        fn holds_the_handlers_writes(&self) -> bool {
+            true
+        }
+    }
+
+    /// A transaction that was not committed (lease lost, failed or ambiguous commit) must not
+    /// send the handler's answer; a failed commit also releases the key (fenced on the pending
+    /// record, so a commit that did happen keeps its completed record).
+    #[tokio::test]
+    async fn a_completion_holding_the_writes_that_fails_is_rolled_back() {
+        for (result, released) in [(Ok(Ownership::Lost), false), (Err(()), true)] {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            let p = policy(1000);
+            let owned = acquire(&store, &ticket(b"a"), p).await;
+            let outcome = owned
+                .settle(
+                    Settlement::Response(response(201)),
+                    Box::new(Binding(result)),
+                )
+                .await;
+            assert_eq!(outcome, Outcome::RolledBack);
+            let again = claim(&*store, &ticket(b"a"), &p, &Waiters::default())
+                .await
+                .expect("claims");
+            assert_eq!(matches!(again, Claim::Acquired), released, "{again:?}");
+        }
+    }
+
     #[test]
     fn a_lease_from_the_app_not_shorter_than_the_handlers_ttl_is_refused() {
         let refused = Policy::resolve(
@@ -888,6 +962,7 @@ mod tests {
             Outcome::Executed,
             Outcome::ExecutedReleased,
             Outcome::Panicked,
+            Outcome::RolledBack,
             Outcome::Replayed,
             Outcome::Mismatch,
             Outcome::InFlight,

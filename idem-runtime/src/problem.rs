@@ -53,6 +53,12 @@ pub(crate) enum Problem {
     BadBody,
     /// 500: the app is misconfigured (for example, no store registered).
     Misconfigured,
+    /// 500: the app is misconfigured in a way only its developer can fix, named in the detail
+    /// (for example, a `PgTransaction` over a store that is not a `PostgresStore`).
+    MisconfiguredFix {
+        /// What to change.
+        fix: &'static str,
+    },
 }
 
 #[derive(Serialize)]
@@ -75,7 +81,7 @@ impl Problem {
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
-            Self::Misconfigured => "misconfigured",
+            Self::Misconfigured | Self::MisconfiguredFix { .. } => "misconfigured",
         }
     }
 
@@ -94,7 +100,9 @@ impl Problem {
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Misconfigured | Self::MisconfiguredFix { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -107,7 +115,7 @@ impl Problem {
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
-            Self::Misconfigured => "Idempotency misconfigured",
+            Self::Misconfigured | Self::MisconfiguredFix { .. } => "Idempotency misconfigured",
         }
     }
 
@@ -125,6 +133,7 @@ impl Problem {
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
+            Self::MisconfiguredFix { fix } => (*fix).to_owned(),
         }
     }
 

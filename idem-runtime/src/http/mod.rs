@@ -18,7 +18,7 @@ use crate::{
     config::Idempotency,
     fingerprint::FingerprintHasher,
     key::IdempotencyKey,
-    lifecycle::{self, HandlerTiming, Outcome, Owned, Policy, Settlement, StoreCompletion},
+    lifecycle::{self, HandlerTiming, Outcome, Owned, Policy, Settlement},
     policy::ServerErrors,
     problem::Problem,
     protocol::Claim,
@@ -29,10 +29,12 @@ use crate::{
 
 mod body;
 mod run_to_end;
+mod transaction;
 
 use self::{
     body::{collect_response, payload_of, read_request, unstored, Collected},
     run_to_end::RunToEnd,
+    transaction::RequestTransaction,
 };
 
 /// The header every replayed response carries.
@@ -198,6 +200,9 @@ where
         }
     };
 
+    // The handler's database transaction, for `PgTransaction` (a Postgres store only).
+    let txn = RequestTransaction::install(&req, &settings);
+
     // 1. Key.
     let header = &spec.header;
     let key = match IdempotencyKey::from_headers(req.headers(), &header.name) {
@@ -211,7 +216,8 @@ where
         }
         Ok(None) => {
             record(Outcome::NoKey);
-            return run(req, payload.into_inner()).await;
+            let resp = run(req, payload.into_inner()).await;
+            return txn.finish_unrecorded(resp).await;
         }
         Err(reason) => {
             record(Outcome::InvalidKey);
@@ -278,7 +284,8 @@ where
         Err(err) if spec.fail_open => {
             record(Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
-            return run(req, payload_of(body)).await;
+            let resp = run(req, payload_of(body)).await;
+            return txn.finish_unrecorded(resp).await;
         }
         Err(err) => {
             record(Outcome::StoreError);
@@ -302,7 +309,7 @@ where
     let started = tokio::time::Instant::now();
     let execute = async move {
         let _running = running;
-        let resp = execute(owned, max_response, run(req, payload_of(body))).await;
+        let resp = execute(owned, max_response, txn, run(req, payload_of(body))).await;
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp
@@ -367,6 +374,7 @@ impl<'a> Lines<'a> {
 async fn execute(
     owned: Owned,
     max_response: usize,
+    txn: RequestTransaction,
     handler: impl Future<Output = HttpResponse>,
 ) -> HttpResponse {
     let ran = owned
@@ -379,9 +387,7 @@ async fn execute(
     let (settlement, resp) = match ran {
         Err(lifecycle::Panicked) => {
             tracing::error!("the idempotent handler panicked; its key is released");
-            let outcome = owned
-                .settle(Settlement::Panicked, Box::new(StoreCompletion))
-                .await;
+            let outcome = owned.settle(Settlement::Panicked, txn.completion()).await;
             record(outcome);
             return HttpResponse::InternalServerError().finish();
         }
@@ -392,6 +398,19 @@ async fn execute(
                 resp.set_body(BoxBody::new(body)),
             )
         }
+        Ok((_, Collected::TooLarge(..))) if txn.is_begun() => {
+            // Its writes are rolled back with the release: the response must not claim them.
+            tracing::error!(
+                max_response,
+                "the response is larger than max_response: its transaction is rolled back, key released"
+            );
+            let outcome = owned.settle(Settlement::Unstorable, txn.completion()).await;
+            record(outcome);
+            return Problem::MisconfiguredFix {
+                fix: TOO_LARGE_IN_TRANSACTION,
+            }
+            .to_response();
+        }
         Ok((resp, Collected::TooLarge(head, rest))) => {
             tracing::warn!(
                 max_response,
@@ -401,17 +420,21 @@ async fn execute(
         }
         Ok((_, Collected::Failed)) => {
             tracing::error!("the response body failed while it was read; key released");
-            let outcome = owned
-                .settle(Settlement::Unstorable, Box::new(StoreCompletion))
-                .await;
+            let outcome = owned.settle(Settlement::Unstorable, txn.completion()).await;
             record(outcome);
             return HttpResponse::InternalServerError().finish();
         }
     };
-    let outcome = owned.settle(settlement, Box::new(StoreCompletion)).await;
+    let outcome = owned.settle(settlement, txn.completion()).await;
     record(outcome);
+    if outcome == Outcome::RolledBack {
+        return txn.rolled_back();
+    }
     resp
 }
+
+const TOO_LARGE_IN_TRANSACTION: &str = "the handler's response is larger than max_response, so \
+     it cannot be stored and its transaction was rolled back: raise `Idempotency::max_response`";
 
 /// Builds the replay of a stored response.
 fn replay(stored: StoredResponse) -> HttpResponse {

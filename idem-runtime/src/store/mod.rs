@@ -140,8 +140,12 @@ impl From<EncodeError> for StoreError {
 ///
 /// `claim` and `complete` are each one atomic operation (one round trip for a network store).
 /// `renew`, `complete` and `release` change the record only while the ticket still owns it.
+///
+/// `Any` lets the runtime recognise a store it has more to say to (the transactional mode of the
+/// Postgres store finds its `PostgresStore` behind `Arc<dyn Store>`); every `'static` type is
+/// `Any`, so a custom store implements nothing for it.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: std::any::Any + Send + Sync + 'static {
     /// Claims the record for `ticket`: creates a pending record with a `lease` when none exists, and
     /// otherwise classifies the existing one: a completed record with the ticket's fingerprint is a
     /// [`Claim::Replay`], a pending one a [`Claim::InFlight`], any record with another fingerprint

@@ -18,9 +18,12 @@ use tokio::sync::oneshot;
 
 mod sql;
 mod sweep;
+mod transaction;
 
 pub use self::sql::InvalidTableName;
 use self::sql::{sql_millis, Statements, TableName, MIGRATE_TIMEOUT};
+pub(crate) use self::transaction::RequestTransaction;
+pub use self::transaction::{PgTransaction, PgTransactionGuard};
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
     fingerprint::Fingerprint,

@@ -1,0 +1,425 @@
+//! The transactional mode: a handler writes through [`PgTransaction`], and the runtime completes
+//! the record in that same transaction and commits it before the response is sent, so the record
+//! is completed if and only if the handler's writes are committed.
+//!
+//! The pieces: the extractor and its guard (public); [`RequestTransaction`], which the actix-web
+//! adapter installs in the request's extensions when the app's store is a [`PostgresStore`] and
+//! consults after the handler; and [`TransactionCompletion`], the [`Completion`] that writes the
+//! fenced `complete` on the transaction's connection and commits (or rolls back).
+
+use std::{
+    any::Any,
+    ops::{Deref, DerefMut},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use actix_web::{
+    dev::Payload, error::InternalError, FromRequest, HttpMessage as _, HttpRequest, HttpResponse,
+};
+use async_trait::async_trait;
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+use super::{sql::sql_millis, PostgresStore};
+use crate::{
+    config::{Idempotency, Settings},
+    lifecycle::{Completion, StoreCompletion},
+    problem::Problem,
+    record::{encode_completed, StoredResponse},
+    store::{Ownership, Store, StoreError, Ticket},
+};
+
+/// The database transaction of an `#[idempotent]` handler on a [`PostgresStore`] (feature
+/// `postgres`): the transactional mode.
+///
+/// Take it as an extractor and write through it; the runtime writes the completed record in the
+/// same transaction after the handler answers, and commits before the response is sent. So the
+/// record is completed if and only if the handler's writes are committed: a process that dies
+/// before the commit leaves neither (the retry runs the handler once, after the lease), one that
+/// dies after it leaves both (the retry replays).
+///
+/// ```no_run
+/// use actix_web::{post, HttpResponse};
+/// use idem_runtime::{sqlx, PgTransaction};
+///
+/// #[post("/payments")]
+/// // #[idempotent(require_key)] (from the `idem` facade)
+/// async fn create_payment(mut tx: PgTransaction) -> actix_web::Result<HttpResponse> {
+///     let mut conn = tx.acquire().await?; // BEGIN, on the store's pool, on first use
+///     sqlx::query("INSERT INTO payments (id, amount) VALUES ($1, $2)")
+///         .bind("pay_1")
+///         .bind(1000_i64)
+///         .execute(&mut *conn)
+///         .await
+///         .map_err(actix_web::error::ErrorInternalServerError)?;
+///     Ok(HttpResponse::Created().finish())
+///     // The runtime completes the record in this transaction and commits, then answers.
+/// }
+/// ```
+///
+/// What the runtime does with the transaction, after the handler answered:
+///
+/// - a response the policy stores (2xx, 3xx, 4xx but 408 and 429): the fenced completion of the
+///   record runs on the transaction's connection, then `COMMIT`. If the request lost its lease
+///   meanwhile (another request owns the key now), the completion changes no row, the whole
+///   transaction rolls back and the client gets `503` with `Retry-After` instead of the handler's
+///   answer (its writes were undone). A failed or ambiguous commit is a `503` too: the retry
+///   finds either the committed record (a replay) or none (the handler runs again);
+/// - a response the policy does not store (5xx, 408, 429), a panic, a response larger than
+///   `max_response`: the transaction rolls back and the key is released. A response too large
+///   to store is replaced by a `500`, since its writes were undone;
+/// - without an `Idempotency-Key` (a handler without `require_key`), or when the store failed and
+///   the handler runs anyway (`fail_open`), there is no record: the transaction commits after a
+///   response under 500, and rolls back otherwise.
+///
+/// The transaction begins at the first [`PgTransaction::acquire`]; a handler that never calls it
+/// never opens one (its record is completed by the store as usual). `BEGIN`, the completion and
+/// `COMMIT` each run within the store's timeout; the handler's own statements are the handler's
+/// business (over a pool from [`PostgresStore::from_url`] every connection's `statement_timeout`
+/// is the store timeout; `SET LOCAL statement_timeout` in the transaction lifts it). The lease is
+/// renewed on another connection of the pool while the handler runs, so the pool needs at least
+/// two connections per concurrent request that uses the transaction.
+///
+/// Do not end the transaction yourself (`COMMIT`, `ROLLBACK` through the connection): the runtime
+/// commits it with the record, or not at all.
+///
+/// It is only available in `#[idempotent]` handlers of an app whose store is a [`PostgresStore`]
+/// (registered with `Idempotency::new`): anywhere else the extractor answers `500`
+/// `misconfigured` with the fix, and logs it once.
+pub struct PgTransaction {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PgTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTransaction")
+            .field("begun", &self.shared.begun.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The connection of a [`PgTransaction`], borrowed: `&mut *guard` is a `&mut PgConnection`, an
+/// sqlx executor, inside the request's transaction.
+pub struct PgTransactionGuard<'a> {
+    txn: MappedMutexGuard<'a, Transaction<'static, Postgres>>,
+}
+
+impl std::fmt::Debug for PgTransactionGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTransactionGuard").finish_non_exhaustive()
+    }
+}
+
+impl Deref for PgTransactionGuard<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.txn
+    }
+}
+
+impl DerefMut for PgTransactionGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.txn
+    }
+}
+
+impl PgTransaction {
+    /// The transaction's connection; the first call begins the transaction on the store's pool.
+    ///
+    /// # Errors
+    ///
+    /// An error whose response is `503` with `Retry-After` (`store-unavailable`) when `BEGIN`
+    /// fails or does not complete within the store timeout (return it: the key is released and a
+    /// retry runs the handler again); `500` when the transaction is already ended (a
+    /// `PgTransaction` kept past its handler) or borrowed by another guard (hold one at a time).
+    pub async fn acquire(&mut self) -> Result<PgTransactionGuard<'_>, actix_web::Error> {
+        let shared = &*self.shared;
+        let mut slot = shared.slot.try_lock().map_err(|_| {
+            internal(
+                "the request's PgTransaction is already borrowed: drop the other guard before \
+                 acquiring it again",
+            )
+        })?;
+        if matches!(*slot, Slot::Idle) {
+            let begun = shared.store.bounded(shared.store.pool().begin()).await;
+            match begun {
+                Ok(txn) => {
+                    *slot = Slot::Open(txn);
+                    shared.begun.store(true, Ordering::Release);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "the handler's transaction could not begin");
+                    return Err(InternalError::from_response(
+                        err,
+                        Problem::StoreUnavailable {
+                            retry_after: shared.retry_after,
+                        }
+                        .to_response(),
+                    )
+                    .into());
+                }
+            }
+        }
+        MutexGuard::try_map(slot, |slot| match slot {
+            Slot::Open(txn) => Some(txn),
+            Slot::Idle | Slot::Ended => None,
+        })
+        .map(|txn| PgTransactionGuard { txn })
+        .map_err(|_| {
+            internal(
+                "the request's PgTransaction was used after its handler answered: it is ended; \
+                 do not keep it past the handler",
+            )
+        })
+    }
+}
+
+fn internal(message: &'static str) -> actix_web::Error {
+    tracing::error!("{message}");
+    InternalError::from_response(message, HttpResponse::InternalServerError().finish()).into()
+}
+
+impl FromRequest for PgTransaction {
+    type Error = actix_web::Error;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let found = req.extensions().get::<Arc<Shared>>().cloned();
+        std::future::ready(match found {
+            Some(shared) => Ok(Self { shared }),
+            None => Err(unavailable_here(req)),
+        })
+    }
+}
+
+/// Why a request has no transaction: the fix, as a 500 problem, logged once per process.
+fn unavailable_here(req: &HttpRequest) -> actix_web::Error {
+    static LOGGED: [AtomicBool; 3] = [
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    ];
+    let (which, fix) = match Idempotency::registered(req) {
+        None => (
+            0,
+            "idem::PgTransaction needs an idempotency store: register one with \
+             `App::new().app_data(idem::Idempotency::new(idem::PostgresStore::from_url(url)?))`",
+        ),
+        Some(idem) if postgres_of(&idem.inner.store).is_none() => (
+            1,
+            "idem::PgTransaction needs the app's idempotency store to be a PostgresStore (the \
+             record is completed in the handler's transaction): register \
+             `idem::Idempotency::new(idem::PostgresStore::from_url(url)?)`, or write through your \
+             own pool without the transactional mode",
+        ),
+        Some(_) => (
+            2,
+            "idem::PgTransaction is only available in #[idempotent] handlers (the runtime commits \
+             it with the record): add #[idempotent] to the handler, or use the pool directly",
+        ),
+    };
+    if !LOGGED[which].swap(true, Ordering::Relaxed) {
+        tracing::error!("{fix}");
+    }
+    InternalError::from_response(fix, Problem::MisconfiguredFix { fix }.to_response()).into()
+}
+
+/// The app's store, when it is a [`PostgresStore`].
+fn postgres_of(store: &Arc<dyn Store>) -> Option<&PostgresStore> {
+    let any: &dyn Any = &**store;
+    any.downcast_ref::<PostgresStore>()
+}
+
+/// What the extractor and the runtime share for one request.
+struct Shared {
+    store: PostgresStore,
+    retry_after: Duration,
+    /// Set once `BEGIN` succeeded: the request uses the transaction.
+    begun: AtomicBool,
+    slot: Mutex<Slot>,
+}
+
+enum Slot {
+    /// Not begun (the handler has not called `acquire`).
+    Idle,
+    Open(Transaction<'static, Postgres>),
+    /// Taken by the runtime, committed or rolled back.
+    Ended,
+}
+
+impl Shared {
+    /// The open transaction, taken out of the slot. `Err` when a guard still holds it.
+    fn take(&self) -> Result<Option<Transaction<'static, Postgres>>, StoreError> {
+        let mut slot = self.slot.try_lock().map_err(|_| {
+            StoreError::Protocol(
+                "the handler's transaction is still borrowed (a PgTransactionGuard outlived the \
+                 handler): it is not committed"
+                    .into(),
+            )
+        })?;
+        match std::mem::replace(&mut *slot, Slot::Ended) {
+            Slot::Open(txn) => Ok(Some(txn)),
+            Slot::Idle | Slot::Ended => Ok(None),
+        }
+    }
+
+    async fn rollback(&self, txn: Transaction<'static, Postgres>) {
+        if let Err(err) = self.store.bounded(txn.rollback()).await {
+            tracing::warn!(
+                error = %err,
+                "the handler's transaction could not be rolled back explicitly; the database \
+                 rolls it back when its connection is reset or closed"
+            );
+        }
+    }
+}
+
+/// The transaction of one request, as the actix-web adapter sees it: installed before the
+/// handler runs (when the store is a [`PostgresStore`]), consulted after it.
+pub(crate) struct RequestTransaction(Option<Arc<Shared>>);
+
+impl RequestTransaction {
+    /// Makes the transaction available to the request's [`PgTransaction`] extractor, when the
+    /// app's store is a [`PostgresStore`].
+    pub(crate) fn install(req: &HttpRequest, settings: &Settings) -> Self {
+        let Some(store) = postgres_of(&settings.store) else {
+            return Self(None);
+        };
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            retry_after: settings.unavailable_retry_after,
+            begun: AtomicBool::new(false),
+            slot: Mutex::new(Slot::Idle),
+        });
+        req.extensions_mut().insert(Arc::clone(&shared));
+        Self(Some(shared))
+    }
+
+    /// Whether the handler began the transaction.
+    pub(crate) fn is_begun(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.begun.load(Ordering::Acquire))
+    }
+
+    /// Who completes the record: the transaction when the handler began it, else the store.
+    pub(crate) fn completion(&self) -> Box<dyn Completion> {
+        match &self.0 {
+            Some(shared) if self.is_begun() => Box::new(TransactionCompletion(Arc::clone(shared))),
+            _ => Box::new(StoreCompletion),
+        }
+    }
+
+    /// Ends the transaction of a request that has no record (no key, or `fail_open`): commits
+    /// after a response under 500, rolls back otherwise. A failed commit answers 503.
+    pub(crate) async fn finish_unrecorded(&self, resp: HttpResponse) -> HttpResponse {
+        let Some(shared) = self.0.as_ref().filter(|_| self.is_begun()) else {
+            return resp;
+        };
+        let txn = match shared.take() {
+            Ok(Some(txn)) => txn,
+            Ok(None) => return resp,
+            Err(err) => return self.unavailable(&err),
+        };
+        if resp.status().is_server_error() {
+            shared.rollback(txn).await;
+            return resp;
+        }
+        match shared.store.bounded(txn.commit()).await {
+            Ok(()) => resp,
+            Err(err) => self.unavailable(&err),
+        }
+    }
+
+    /// The 503 of a transaction that was not committed.
+    pub(crate) fn rolled_back(&self) -> HttpResponse {
+        let retry_after = self
+            .0
+            .as_ref()
+            .map_or(Idempotency::DEFAULT_UNAVAILABLE_RETRY_AFTER, |s| {
+                s.retry_after
+            });
+        Problem::StoreUnavailable { retry_after }.to_response()
+    }
+
+    fn unavailable(&self, err: &StoreError) -> HttpResponse {
+        tracing::error!(error = %err, "the handler's transaction was not committed: answering 503");
+        self.rolled_back()
+    }
+}
+
+/// Completes the record in the handler's transaction and commits it.
+struct TransactionCompletion(Arc<Shared>);
+
+#[async_trait]
+impl Completion for TransactionCompletion {
+    async fn complete(
+        self: Box<Self>,
+        _store: &dyn Store,
+        ticket: &Ticket,
+        response: &StoredResponse,
+        ttl: Duration,
+        // A commit is not safe to re-send: a failure is answered with a 503 instead.
+        _retry_for: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let shared = &*self.0;
+        let Some(mut txn) = shared.take()? else {
+            return Err(StoreError::Protocol(
+                "the handler's transaction was already ended".into(),
+            ));
+        };
+        let store = &shared.store;
+        let record = encode_completed(ticket.fingerprint(), response)?;
+        // The store's own fenced `complete`, on the transaction's connection. Its `now()` is the
+        // transaction's start: a lease that ran out since then with nobody taking the key over
+        // still completes (no other execution can have begun: a take-over would have changed
+        // the owner, and one racing this statement waits for its row lock, then sees the
+        // completed record).
+        let updated = store
+            .bounded(
+                sqlx::query(&store.inner.sql.complete)
+                    .bind(&ticket.key().as_bytes()[..])
+                    .bind(&ticket.token().as_bytes()[..])
+                    .bind(&ticket.fingerprint().as_bytes()[..])
+                    .bind(&record[..])
+                    .bind(sql_millis(ttl))
+                    .execute(&mut *txn),
+            )
+            .await;
+        match updated.map(|done| done.rows_affected()) {
+            Ok(1) => {}
+            Ok(0) => {
+                shared.rollback(txn).await;
+                return Ok(Ownership::Lost);
+            }
+            Ok(n) => {
+                shared.rollback(txn).await;
+                return Err(StoreError::Protocol(format!(
+                    "a fenced write changed {n} rows"
+                )));
+            }
+            Err(err) => {
+                shared.rollback(txn).await;
+                return Err(err);
+            }
+        }
+        store.bounded(txn.commit()).await.map(|()| Ownership::Held)
+    }
+
+    async fn abandon(self: Box<Self>) {
+        match self.0.take() {
+            Ok(Some(txn)) => self.0.rollback(txn).await,
+            Ok(None) => {}
+            Err(err) => tracing::warn!(error = %err, "the handler's transaction is not ended here"),
+        }
+    }
+
+    fn holds_the_handlers_writes(&self) -> bool {
+        true
+    }
+}
