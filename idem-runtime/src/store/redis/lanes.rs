@@ -206,6 +206,20 @@ impl<P: MultiplexedPool> Lanes<P> {
         }
     }
 
+    /// Connects (and so runs the eviction check) and sends a `PING`: the stores' `check`.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), StoreError>
+    where
+        P::Conn: redis::aio::ConnectionLike + Send,
+    {
+        self.run(timeout, |mut conn| async move {
+            redis::cmd("PING")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
     /// Runs `call` on a lane's connection within `timeout` (connection included). A connection
     /// error or a timeout drops the lane.
     ///

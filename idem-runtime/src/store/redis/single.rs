@@ -163,15 +163,7 @@ impl RedisStore {
     /// (wrapping [`EvictionRisk`](crate::EvictionRisk), whose message names the fix);
     /// [`StoreError::Timeout`] when it does not answer within the store timeout.
     pub async fn check(&self) -> Result<(), StoreError> {
-        self.inner
-            .lanes
-            .run(self.inner.timeout, |mut conn| async move {
-                deadpool_redis::redis::cmd("PING")
-                    .query_async::<Value>(&mut conn)
-                    .await
-                    .map(drop)
-            })
-            .await
+        self.inner.lanes.ping(self.inner.timeout).await
     }
 
     /// The Redis key of the ticket's record (for tests that look at Redis directly).

@@ -20,22 +20,22 @@
 //! (the store's own fenced `complete`, or a database transaction that also holds the handler's
 //! writes) is passed to [`Owned::settle`].
 
-use std::{
-    future::Future,
-    panic::AssertUnwindSafe,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use futures_util::{
     future::{select, Either},
     FutureExt as _,
 };
 use tokio::time::Instant;
+
+mod completion;
+mod outcome;
+
+pub use self::outcome::HandlerTiming;
+pub(crate) use self::{
+    completion::{retry_fenced, Completion, StoreCompletion, FENCED_RETRY_LIMIT},
+    outcome::{retry_after_hint, Outcome},
+};
 
 use crate::{
     policy::{self, Disposition, ServerErrors},
@@ -44,71 +44,6 @@ use crate::{
     store::{Ownership, Store, StoreError, Ticket},
     waiters::{Waiters, POLL_INTERVAL},
 };
-
-/// What happened to one idempotent request: the value of the `outcome` field of its span. One
-/// place names every outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// The handler ran and its response was stored (or the store refused it; see the logs).
-    Executed,
-    /// The handler ran and its key was released: the policy does not store its response, or the
-    /// response could not be stored (too large, a failed body).
-    ExecutedReleased,
-    /// The handler panicked; its key was released.
-    Panicked,
-    /// The handler ran in a database transaction that was rolled back because its record could
-    /// not be completed in it (the lease was lost, or the completion or the commit failed): its
-    /// writes are undone, its response is replaced by a 503.
-    RolledBack,
-    /// A stored response was replayed.
-    Replayed,
-    /// The key was used before for a different request: 422.
-    Mismatch,
-    /// The same request is in flight: 409.
-    InFlight,
-    /// No key, and the handler requires one: 400.
-    MissingKey,
-    /// No key: the handler ran without idempotency.
-    NoKey,
-    /// A malformed key: 400.
-    InvalidKey,
-    /// The scope extractor refused the request.
-    ScopeRefused,
-    /// The body is over the limit: 413.
-    BodyTooLarge,
-    /// The body could not be read: 400.
-    BadBody,
-    /// The store failed; the handler did not run: 503.
-    StoreError,
-    /// The store failed; the handler ran without idempotency (`fail_open`).
-    StoreErrorFailOpen,
-    /// The app is misconfigured (no store, no scope, invalid settings): 500.
-    Misconfigured,
-}
-
-impl Outcome {
-    /// The outcome's name in spans and logs.
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            Self::Executed => "executed",
-            Self::ExecutedReleased => "executed_released",
-            Self::Panicked => "panicked",
-            Self::RolledBack => "rolled_back",
-            Self::Replayed => "replayed",
-            Self::Mismatch => "mismatch",
-            Self::InFlight => "in_flight",
-            Self::MissingKey => "missing_key",
-            Self::NoKey => "no_key",
-            Self::InvalidKey => "invalid_key",
-            Self::ScopeRefused => "scope_refused",
-            Self::BodyTooLarge => "body_too_large",
-            Self::BadBody => "bad_body",
-            Self::StoreError => "store_error",
-            Self::StoreErrorFailOpen => "store_error_fail_open",
-            Self::Misconfigured => "misconfigured",
-        }
-    }
-}
 
 /// A handler's settings resolved against the app's, and checked together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,63 +113,6 @@ pub(crate) async fn claim(
     }
 }
 
-/// The `Retry-After` of a 409: how long this handler typically runs (as this process observed
-/// it), at least 1 s, and never past the in-flight lease's remaining time (after which a retry
-/// may run the handler itself). Without an observation, 1 s. The lease's remaining time alone
-/// would tell a polite client to wait up to the whole lease (30 s by default) for a handler that
-/// takes a fraction of a second.
-pub(crate) fn retry_after_hint(lease_remaining: Duration, typical: Option<Duration>) -> Duration {
-    const FLOOR: Duration = Duration::from_secs(1);
-    typical
-        .unwrap_or(FLOOR)
-        .max(FLOOR)
-        .min(lease_remaining.max(FLOOR))
-}
-
-/// How long a handler typically runs, observed in this process: a moving average (each run counts
-/// for a fifth), kept in the handler's static settings. Concurrent updates may lose one another's
-/// sample; a hint does not need more.
-#[derive(Debug)]
-pub struct HandlerTiming {
-    /// Milliseconds, 0 before the first run.
-    average_ms: AtomicU64,
-}
-
-impl HandlerTiming {
-    /// No run observed yet.
-    pub const fn new() -> Self {
-        Self {
-            average_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one run that took `took`.
-    pub(crate) fn record(&self, took: Duration) {
-        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
-        let old = self.average_ms.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            ms
-        } else {
-            old.saturating_mul(4).saturating_add(ms) / 5
-        };
-        self.average_ms.store(new.max(1), Ordering::Relaxed);
-    }
-
-    /// The typical run time, once one run was observed.
-    pub(crate) fn typical(&self) -> Option<Duration> {
-        match self.average_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        }
-    }
-}
-
-impl Default for HandlerTiming {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// A claim this request holds: the lease is its own until it settles.
 pub(crate) struct Owned {
     store: Arc<dyn Store>,
@@ -255,100 +133,6 @@ pub(crate) enum Settlement {
     Unstorable,
     /// The handler panicked: release the key.
     Panicked,
-}
-
-/// Writes a completed record. [`StoreCompletion`] uses the store's own fenced `complete`; a
-/// transactional store completes the record in the handler's transaction and commits it.
-#[async_trait]
-pub(crate) trait Completion: Send {
-    /// Completes the ticket's record with `response`, kept for `ttl`; fenced by the ticket's token.
-    /// A write that is safe to re-apply retries a store failure for up to `retry_for` (see
-    /// [`retry_fenced`]); one that is not (a transaction's commit) ignores it.
-    async fn complete(
-        self: Box<Self>,
-        store: &dyn Store,
-        ticket: &Ticket,
-        response: &StoredResponse,
-        ttl: Duration,
-        retry_for: Duration,
-    ) -> Result<Ownership, StoreError>;
-
-    /// The response is not stored: undo whatever the completion holds (a transaction rolls back).
-    async fn abandon(self: Box<Self>) {}
-
-    /// Whether the handler's own writes stand or fall with this completion (a transaction that
-    /// holds them): then a completion that did not happen means the response must not be sent.
-    fn holds_the_handlers_writes(&self) -> bool {
-        false
-    }
-}
-
-/// The default [`Completion`]: the store's own `complete`.
-pub(crate) struct StoreCompletion;
-
-#[async_trait]
-impl Completion for StoreCompletion {
-    async fn complete(
-        self: Box<Self>,
-        store: &dyn Store,
-        ticket: &Ticket,
-        response: &StoredResponse,
-        ttl: Duration,
-        retry_for: Duration,
-    ) -> Result<Ownership, StoreError> {
-        retry_fenced("completion", retry_for, || {
-            store.complete(ticket, response, ttl)
-        })
-        .await
-    }
-}
-
-/// The longest a fenced write (complete, release) that failed on the store is retried. The bound
-/// is the lease, and at most this: past the lease the pending record may have expired (renewal
-/// stopped when the handler ended) and a retry of the request may be running the handler, so a
-/// later write could only answer `Lost`; and the handler's response waits for its completion, so
-/// a store that stays down must not hold it back from its client for longer than this. A
-/// routine failure (a reset connection, a failover, a full Redis that frees memory) heals well
-/// within it.
-pub(crate) const FENCED_RETRY_LIMIT: Duration = Duration::from_secs(10);
-
-/// Runs a fenced write, retrying it with backoff while the store is unavailable or times out, for
-/// up to `retry_for` (a last attempt may start just before the bound and take one store timeout).
-/// Re-applying a fenced write is safe: the owner token makes a second complete or release of the
-/// same record a no-op or the same write, and never a write over a newer owner's record. Other
-/// errors (a corrupt record, an unencodable response) are not retried: they would fail again.
-pub(crate) async fn retry_fenced<F, Fut>(
-    what: &str,
-    retry_for: Duration,
-    mut write: F,
-) -> Result<Ownership, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Ownership, StoreError>>,
-{
-    let deadline = Instant::now() + retry_for;
-    let mut backoff = Duration::from_millis(20);
-    let mut failures = 0u32;
-    loop {
-        match write().await {
-            Err(err @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
-                failures += 1;
-                let now = Instant::now();
-                if now + backoff >= deadline {
-                    return Err(err);
-                }
-                tracing::warn!(error = %err, attempt = failures, "the {what} failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            answer => {
-                if failures > 0 && answer.is_ok() {
-                    tracing::info!(attempts = failures + 1, "the {what} succeeded on a retry");
-                }
-                return answer;
-            }
-        }
-    }
 }
 
 impl Owned {
@@ -486,6 +270,8 @@ async fn renew(store: &dyn Store, ticket: &Ticket, lease: Duration) {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
 
     use actix_web::http::StatusCode;
     use bytes::Bytes;

@@ -1,0 +1,129 @@
+//! What the lifecycle reports: the outcome of each request (the span's `outcome` field), and how
+//! long a handler typically runs (the hint of a 409's `Retry-After`).
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// What happened to one idempotent request: the value of the `outcome` field of its span. One
+/// place names every outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handler ran and its response was stored (or the store refused it; see the logs).
+    Executed,
+    /// The handler ran and its key was released: the policy does not store its response, or the
+    /// response could not be stored (too large, a failed body).
+    ExecutedReleased,
+    /// The handler panicked; its key was released.
+    Panicked,
+    /// The handler ran in a database transaction that was rolled back because its record could
+    /// not be completed in it (the lease was lost, or the completion or the commit failed): its
+    /// writes are undone, its response is replaced by a 503.
+    RolledBack,
+    /// A stored response was replayed.
+    Replayed,
+    /// The key was used before for a different request: 422.
+    Mismatch,
+    /// The same request is in flight: 409.
+    InFlight,
+    /// No key, and the handler requires one: 400.
+    MissingKey,
+    /// No key: the handler ran without idempotency.
+    NoKey,
+    /// A malformed key: 400.
+    InvalidKey,
+    /// The scope extractor refused the request.
+    ScopeRefused,
+    /// The body is over the limit: 413.
+    BodyTooLarge,
+    /// The body could not be read: 400.
+    BadBody,
+    /// The store failed; the handler did not run: 503.
+    StoreError,
+    /// The store failed; the handler ran without idempotency (`fail_open`).
+    StoreErrorFailOpen,
+    /// The app is misconfigured (no store, no scope, invalid settings): 500.
+    Misconfigured,
+}
+
+impl Outcome {
+    /// The outcome's name in spans and logs.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::ExecutedReleased => "executed_released",
+            Self::Panicked => "panicked",
+            Self::RolledBack => "rolled_back",
+            Self::Replayed => "replayed",
+            Self::Mismatch => "mismatch",
+            Self::InFlight => "in_flight",
+            Self::MissingKey => "missing_key",
+            Self::NoKey => "no_key",
+            Self::InvalidKey => "invalid_key",
+            Self::ScopeRefused => "scope_refused",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BadBody => "bad_body",
+            Self::StoreError => "store_error",
+            Self::StoreErrorFailOpen => "store_error_fail_open",
+            Self::Misconfigured => "misconfigured",
+        }
+    }
+}
+
+/// The `Retry-After` of a 409: how long this handler typically runs (as this process observed
+/// it), at least 1 s, and never past the in-flight lease's remaining time (after which a retry
+/// may run the handler itself). Without an observation, 1 s. The lease's remaining time alone
+/// would tell a polite client to wait up to the whole lease (30 s by default) for a handler that
+/// takes a fraction of a second.
+pub(crate) fn retry_after_hint(lease_remaining: Duration, typical: Option<Duration>) -> Duration {
+    const FLOOR: Duration = Duration::from_secs(1);
+    typical
+        .unwrap_or(FLOOR)
+        .max(FLOOR)
+        .min(lease_remaining.max(FLOOR))
+}
+
+/// How long a handler typically runs, observed in this process: a moving average (each run counts
+/// for a fifth), kept in the handler's static settings. Concurrent updates may lose one another's
+/// sample; a hint does not need more.
+#[derive(Debug)]
+pub struct HandlerTiming {
+    /// Milliseconds, 0 before the first run.
+    average_ms: AtomicU64,
+}
+
+impl HandlerTiming {
+    /// No run observed yet.
+    pub const fn new() -> Self {
+        Self {
+            average_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one run that took `took`.
+    pub(crate) fn record(&self, took: Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
+        let old = self.average_ms.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            ms
+        } else {
+            old.saturating_mul(4).saturating_add(ms) / 5
+        };
+        self.average_ms.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The typical run time, once one run was observed.
+    pub(crate) fn typical(&self) -> Option<Duration> {
+        match self.average_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+}
+
+impl Default for HandlerTiming {
+    fn default() -> Self {
+        Self::new()
+    }
+}
