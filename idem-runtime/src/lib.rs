@@ -30,6 +30,7 @@
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
 //! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
+//! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
@@ -46,6 +47,7 @@ mod fingerprint;
 mod http;
 mod key;
 mod lifecycle;
+mod observe;
 mod policy;
 mod problem;
 mod protocol;

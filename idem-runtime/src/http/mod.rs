@@ -19,6 +19,7 @@ use crate::{
     fingerprint::FingerprintHasher,
     key::IdempotencyKey,
     lifecycle::{self, HandlerTiming, Outcome, Owned, Policy, Settlement, StoreCompletion},
+    observe,
     policy::ServerErrors,
     problem::Problem,
     protocol::Claim,
@@ -161,8 +162,10 @@ where
         .await
 }
 
-fn record(outcome: Outcome) {
+/// Records a request's final outcome: on its span, and counted (once per request) in the metrics.
+fn record(handler: &'static str, outcome: Outcome) {
     Span::current().record("outcome", outcome.as_str());
+    observe::request(handler, outcome);
 }
 
 async fn adapt<S, F, Fut>(
@@ -177,12 +180,13 @@ where
     Fut: Future<Output = HttpResponse> + 'static,
 {
     let Some(idem) = Idempotency::registered(&req) else {
-        record(Outcome::Misconfigured);
+        record(spec.handler, Outcome::Misconfigured);
         tracing::error!("{MISSING_CONFIG}");
         return Problem::Misconfigured.to_response();
     };
     let settings = Arc::clone(&idem.inner);
     let policy = match Policy::resolve(
+        spec.handler,
         spec.lease,
         spec.ttl,
         settings.lease,
@@ -192,7 +196,7 @@ where
     ) {
         Ok(policy) => policy,
         Err(fix) => {
-            record(Outcome::Misconfigured);
+            record(spec.handler, Outcome::Misconfigured);
             tracing::error!(handler = spec.handler, "{fix}");
             return Problem::Misconfigured.to_response();
         }
@@ -203,18 +207,18 @@ where
     let key = match IdempotencyKey::from_headers(req.headers(), &header.name) {
         Ok(Some(key)) => key,
         Ok(None) if spec.require_key => {
-            record(Outcome::MissingKey);
+            record(spec.handler, Outcome::MissingKey);
             return Problem::MissingKey {
                 header: header.spelled,
             }
             .to_response();
         }
         Ok(None) => {
-            record(Outcome::NoKey);
+            record(spec.handler, Outcome::NoKey);
             return run(req, payload.into_inner()).await;
         }
         Err(reason) => {
-            record(Outcome::InvalidKey);
+            record(spec.handler, Outcome::InvalidKey);
             return Problem::InvalidKey {
                 reason,
                 header: header.spelled,
@@ -227,7 +231,7 @@ where
     let scope = match S::from_request(&req, &mut Payload::None).await {
         Ok(scope) => ScopeId::new(scope.scope_id()),
         Err(err) => {
-            record(Outcome::ScopeRefused);
+            record(spec.handler, Outcome::ScopeRefused);
             return extractor_error(err);
         }
     };
@@ -240,18 +244,21 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > max_body as u64) {
-        record(Outcome::BodyTooLarge);
+        record(spec.handler, Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
     let mut hasher = FingerprintHasher::new(req.method().as_str(), req.path(), req.query_string());
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
-            record(if matches!(problem, Problem::BodyTooLarge { .. }) {
-                Outcome::BodyTooLarge
-            } else {
-                Outcome::BadBody
-            });
+            record(
+                spec.handler,
+                if matches!(problem, Problem::BodyTooLarge { .. }) {
+                    Outcome::BodyTooLarge
+                } else {
+                    Outcome::BadBody
+                },
+            );
             return problem.to_response();
         }
     };
@@ -261,25 +268,25 @@ where
     match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
         Ok(Claim::Acquired) => {}
         Ok(Claim::Replay(stored)) => {
-            record(Outcome::Replayed);
+            record(spec.handler, Outcome::Replayed);
             return replay(stored);
         }
         Ok(Claim::Mismatch) => {
-            record(Outcome::Mismatch);
+            record(spec.handler, Outcome::Mismatch);
             return Problem::KeyReused.to_response();
         }
         Ok(Claim::InFlight { retry_after }) => {
-            record(Outcome::InFlight);
+            record(spec.handler, Outcome::InFlight);
             let retry_after = lifecycle::retry_after_hint(retry_after, spec.timing.typical());
             return Problem::InFlight { retry_after }.to_response();
         }
         Err(err) if spec.fail_open => {
-            record(Outcome::StoreErrorFailOpen);
+            record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
             return run(req, Payload::from(body)).await;
         }
         Err(err) => {
-            record(Outcome::StoreError);
+            record(spec.handler, Outcome::StoreError);
             tracing::error!(error = %err, "idempotency store unavailable; the handler did not run");
             return Problem::StoreUnavailable {
                 retry_after: settings.unavailable_retry_after,
@@ -291,13 +298,20 @@ where
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
     // finishes, so a retry finds the result (see `RunToEnd`).
-    record(Outcome::Executed);
+    // Until it settles: the span of a handler still running (or that never returns) says so.
+    Span::current().record("outcome", Outcome::Executed.as_str());
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
     let started = tokio::time::Instant::now();
     let execute = async move {
-        let resp = execute(owned, max_response, run(req, Payload::from(body))).await;
+        let resp = execute(
+            spec.handler,
+            owned,
+            max_response,
+            run(req, Payload::from(body)),
+        )
+        .await;
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp
@@ -313,6 +327,7 @@ where
 
 /// Runs the handler and reads its response while the lease is renewed, then settles.
 async fn execute(
+    name: &'static str,
     owned: Owned,
     max_response: usize,
     handler: impl Future<Output = HttpResponse>,
@@ -330,7 +345,7 @@ async fn execute(
             let outcome = owned
                 .settle(Settlement::Panicked, Box::new(StoreCompletion))
                 .await;
-            record(outcome);
+            record(name, outcome);
             return HttpResponse::InternalServerError().finish();
         }
         Ok((resp, Collected::Whole(body))) => {
@@ -341,6 +356,7 @@ async fn execute(
             )
         }
         Ok((resp, Collected::TooLarge(head, rest))) => {
+            observe::too_large(name);
             tracing::warn!(
                 max_response,
                 "the response is larger than max_response: sent but not stored, key released"
@@ -352,12 +368,12 @@ async fn execute(
             let outcome = owned
                 .settle(Settlement::Unstorable, Box::new(StoreCompletion))
                 .await;
-            record(outcome);
+            record(name, outcome);
             return HttpResponse::InternalServerError().finish();
         }
     };
     let outcome = owned.settle(settlement, Box::new(StoreCompletion)).await;
-    record(outcome);
+    record(name, outcome);
     resp
 }
 

@@ -169,6 +169,10 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
