@@ -7,7 +7,9 @@
 //! - serves on `127.0.0.1:8080` (`BIND` overrides);
 //! - uses Redis when `REDIS_URL` is set, a Redis Cluster when `REDIS_CLUSTER_URLS` (comma-separated
 //!   node URLs) is set, and the in-memory store otherwise (it logs which);
-//! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler (default 0).
+//! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler (default 0);
+//! - `GET /metrics` serves idem's metrics (and any other) in the Prometheus text format: the app
+//!   installs the recorder, idem only emits.
 //!
 //! Every request names its client with `Authorization: Bearer <token>`; the client is the
 //! idempotency scope, so two clients can use the same key without seeing each other's payments.
@@ -29,6 +31,7 @@ use actix_web::{
     post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, Responder,
 };
 use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -207,6 +210,14 @@ async fn stats(ledger: web::Data<Ledger>) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "executions": ledger.executions.load(Ordering::SeqCst) }))
 }
 
+/// The metrics in the Prometheus text format.
+#[get("/metrics")]
+async fn metrics(prometheus: web::Data<PrometheusHandle>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(prometheus.render())
+}
+
 /// Simulated processor latency.
 struct Delay(Duration);
 
@@ -262,6 +273,19 @@ async fn main() -> std::io::Result<()> {
         })?,
         Err(_) => 0,
     };
+    // The application, not idem, installs the recorder; this one only renders (no listener).
+    let prometheus = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    let upkeep = prometheus.clone();
+    actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let prometheus = web::Data::new(prometheus);
     let idempotency = store_from_env()?;
     let ledger = web::Data::new(Ledger::default());
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
@@ -271,10 +295,12 @@ async fn main() -> std::io::Result<()> {
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
             .app_data(delay.clone())
+            .app_data(prometheus.clone())
             .app_data(json_config())
             .service(create_payment)
             .service(get_payment)
             .service(stats)
+            .service(metrics)
     })
     .bind(&bind)?
     .run()
