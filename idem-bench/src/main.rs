@@ -33,6 +33,7 @@ struct Options {
     lanes: usize,
     rows: Vec<String>,
     hold: bool,
+    metrics: bool,
 }
 
 impl Options {
@@ -49,6 +50,7 @@ impl Options {
             lanes: idem::RedisStore::DEFAULT_LANES,
             rows: DEFAULT_ROWS.iter().map(|s| (*s).to_owned()).collect(),
             hold: false,
+            metrics: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -81,6 +83,7 @@ impl Options {
                         .collect();
                 }
                 "--hold" => o.hold = true,
+                "--metrics" => o.metrics = true,
                 "-h" | "--help" => {
                     println!("{HELP}");
                     std::process::exit(0);
@@ -115,7 +118,9 @@ options:
   --workers N      actix workers (default 1)
   --lanes N        RedisStore lanes (default: the library's DEFAULT_LANES)
   --rows a,b,...   rows to run (default: all but the extra connection-setup rows)
-  --hold           after the table, keep the servers up for a profiler until stdin closes";
+  --hold           after the table, keep the servers up for a profiler until stdin closes
+  --metrics        install a metrics recorder (Prometheus, never rendered; upkeep every 5 s) for
+                   the whole run: compare with a run without it for the cost of idem's metrics";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seed {
@@ -649,9 +654,26 @@ fn check_endpoints(port: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// Installs the Prometheus recorder as the global one, the way an application does, so that every
+/// metric idem emits is recorded; nothing renders it during the run. Its upkeep (draining the
+/// histograms) runs every 5 s on a thread of its own, as an exporter's would.
+fn install_recorder() -> Result<(), String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        handle.run_upkeep();
+    });
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let opts = Options::parse()?;
     let started = Instant::now();
+    if opts.metrics {
+        install_recorder()?;
+    }
     let redis = RedisServer::start();
     let server = app::start(&app::AppConfig {
         redis_url: redis.url(),
@@ -779,7 +801,7 @@ fn report(
     let _ = writeln!(out, "{}", machine());
     let _ = writeln!(
         out,
-        "- load: wrk -t{} -c{}, {} s per row after {} s warm-up, {} round(s) interleaved, medians shown; app: {} actix worker(s), RedisStore lanes {}; total {:.0} s\n",
+        "- load: wrk -t{} -c{}, {} s per row after {} s warm-up, {} round(s) interleaved, medians shown; app: {} actix worker(s), RedisStore lanes {}, metrics recorder {}; total {:.0} s\n",
         opts.load.threads,
         opts.load.connections,
         opts.seconds,
@@ -787,6 +809,11 @@ fn report(
         opts.rounds,
         opts.workers,
         opts.lanes,
+        if opts.metrics {
+            "installed (--metrics)"
+        } else {
+            "none"
+        },
         elapsed.as_secs_f64()
     );
     let _ = writeln!(
