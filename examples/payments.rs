@@ -8,6 +8,8 @@
 //! - uses Redis when `REDIS_URL` is set, a Redis Cluster when `REDIS_CLUSTER_URLS` (comma-separated
 //!   node URLs) is set, and the in-memory store otherwise (it logs which);
 //! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler (default 0);
+//! - built with `--features openapi`, `GET /openapi.json` serves the OpenAPI document, whose
+//!   idempotency parts (the key header, 409/422/..., retention) come from `#[idempotent]` itself;
 //! - `GET /metrics` serves idem's metrics (and any other) in the Prometheus text format: the app
 //!   installs the recorder, idem only emits.
 //!
@@ -30,6 +32,8 @@ use actix_web::{
     http::{header, StatusCode},
     post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, Responder,
 };
+#[cfg(feature = "openapi")]
+use idem::openapi::IdempotencyDocs;
 use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -43,6 +47,7 @@ struct Ledger {
 }
 
 #[derive(Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct Payment {
     id: String,
     amount: u64,
@@ -52,10 +57,18 @@ struct Payment {
     created_at: String,
 }
 
+/// A payment to make (fields checked by the handler, which answers 400 with the reason).
 #[derive(Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct NewPayment {
+    /// Minor units, positive.
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     amount: serde_json::Value,
+    /// Three upper-case letters.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     currency: serde_json::Value,
+    /// `decline` and `unavailable` simulate the processor's answers.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     destination: serde_json::Value,
 }
 
@@ -124,8 +137,26 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
     Ok((amount, currency.to_owned(), destination.to_owned()))
 }
 
-#[post("/payments")]
+/// Make a payment.
+///
+/// Authenticated with `Authorization: Bearer <token>`; the token names the client.
+// `#[idempotent]` comes first: it adds what it knows to `#[utoipa::path]` (with the `openapi`
+// feature), and both come before the route attribute, as utoipa expects.
 #[idempotent(ttl = "24h", require_key)]
+#[cfg_attr(feature = "openapi", utoipa::path(
+    post,
+    path = "/payments",
+    request_body = NewPayment,
+    responses(
+        (status = 201, description = "The payment was created", body = Payment,
+            headers(("Location" = String, description = "The payment's URL"))),
+        (status = 400, description = "Invalid JSON or fields (stored and replayed)"),
+        (status = 401, description = "No `Authorization: Bearer <token>`"),
+        (status = 402, description = "The processor declined the payment (stored and replayed)"),
+        (status = 503, description = "The processor is unavailable (not stored: a retry runs again)"),
+    ),
+))]
+#[post("/payments")]
 async fn create_payment(
     client: Client,
     ledger: web::Data<Ledger>,
@@ -210,6 +241,22 @@ async fn stats(ledger: web::Data<Ledger>) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "executions": ledger.executions.load(Ordering::SeqCst) }))
 }
 
+/// The OpenAPI document of `POST /payments`; `IdempotencyDocs` documents its idempotency.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "payments (idem example)", description = "A payments API that is safe to retry."),
+    paths(create_payment),
+    modifiers(&IdempotencyDocs)
+)]
+struct ApiDoc;
+
+#[cfg(feature = "openapi")]
+#[get("/openapi.json")]
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 /// The metrics in the Prometheus text format.
 #[get("/metrics")]
 async fn metrics(prometheus: web::Data<PrometheusHandle>) -> HttpResponse {
@@ -291,7 +338,7 @@ async fn main() -> std::io::Result<()> {
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
     tracing::info!(%bind, delay_ms, "payments example listening");
     HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
             .app_data(delay.clone())
@@ -300,7 +347,10 @@ async fn main() -> std::io::Result<()> {
             .service(create_payment)
             .service(get_payment)
             .service(stats)
-            .service(metrics)
+            .service(metrics);
+        #[cfg(feature = "openapi")]
+        let app = app.service(openapi_json);
+        app
     })
     .bind(&bind)?
     .run()

@@ -182,3 +182,102 @@ fn metrics_count_each_outcome_once() {
     assert!(!text.contains("metrics-1"), "no key in a label:\n{text}");
     assert!(!text.contains("alice"), "no scope in a label:\n{text}");
 }
+
+/// The document `GET /openapi.json` serves is valid OpenAPI 3.1 (checked by
+/// `openapi-spec-validator`, which `scripts/test.sh` installs), and its idempotency parts are
+/// what `#[idempotent(ttl = "24h", require_key)]` says.
+#[cfg(feature = "openapi")]
+#[test]
+fn openapi_document_describes_the_idempotent_endpoint() {
+    use serde_json::{json, Value};
+
+    let payments = Payments::start(0);
+    let served = payments.get("/openapi.json");
+    assert_eq!(served.status, 200);
+    let doc: Value = serde_json::from_slice(&served.body).expect("a JSON document");
+
+    // The whole document against the OpenAPI 3.1 schema.
+    let mut validator = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\n\
+             from openapi_spec_validator import validate, OpenAPIV31SpecValidator\n\
+             validate(json.load(sys.stdin), cls=OpenAPIV31SpecValidator)\n",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/test.sh installs openapi-spec-validator)");
+    std::io::Write::write_all(validator.stdin.as_mut().expect("stdin"), &served.body)
+        .expect("the document to the validator");
+    let checked = validator
+        .wait_with_output()
+        .expect("the validator's verdict");
+    assert!(
+        checked.status.success(),
+        "the document is not valid OpenAPI 3.1 (or openapi-spec-validator is missing: \
+         `python3 -m pip install openapi-spec-validator`, as scripts/test.sh does):\n{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    assert_eq!(doc["openapi"], "3.1.0");
+    let op = &doc["paths"]["/payments"]["post"];
+    assert_eq!(op["operationId"], "create_payment");
+    assert_eq!(
+        op["x-idempotency"],
+        json!({"header": "Idempotency-Key", "required": true, "ttl_ms": 86_400_000_u64, "lease_ms": 30_000})
+    );
+    let keys: Vec<&Value> = op["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter(|p| p["in"] == "header" && p["name"] == "Idempotency-Key")
+        .collect();
+    assert_eq!(keys.len(), 1, "one key parameter: {op:#}");
+    let key = keys[0];
+    assert_eq!(key["required"], true);
+    assert_eq!(key["schema"]["type"], "string");
+    assert_eq!(key["schema"]["minLength"], 1);
+    assert_eq!(key["schema"]["maxLength"], 255);
+
+    let problem = json!("#/components/schemas/IdempotencyProblem");
+    for status in ["400", "409", "413", "422", "503"] {
+        let response = &op["responses"][status];
+        assert_eq!(
+            response["content"]["application/problem+json"]["schema"]["$ref"], problem,
+            "{status}: {response:#}"
+        );
+    }
+    for status in ["409", "503"] {
+        let retry_after = &op["responses"][status]["headers"]["Retry-After"];
+        assert_eq!(retry_after["schema"]["type"], "integer", "{status}");
+    }
+    assert!(op["responses"]["413"]["headers"]["Retry-After"].is_null());
+    // The handler's own responses stay, and each may be a replay.
+    assert_eq!(
+        op["responses"]["201"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Payment"
+    );
+    for status in ["201", "402"] {
+        let replayed = &op["responses"][status]["headers"]["Idempotent-Replayed"];
+        assert_eq!(replayed["schema"]["enum"], json!(["true"]), "{status}");
+    }
+    assert!(op["responses"]["422"]["headers"]["Idempotent-Replayed"].is_null());
+    let description = op["description"].as_str().expect("a description");
+    assert!(
+        description.contains("kept for 24 h (retention)"),
+        "{description}"
+    );
+    assert!(
+        description.contains("its key for 30 s (lease"),
+        "{description}"
+    );
+    assert!(
+        description.contains("The key is required."),
+        "{description}"
+    );
+    let schema = &doc["components"]["schemas"]["IdempotencyProblem"];
+    assert_eq!(schema["type"], "object");
+    assert_eq!(schema["required"], json!(["type", "title", "status"]));
+}

@@ -14,6 +14,8 @@
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
+//! - with the `openapi` feature, `openapi::IdempotencyDocs`: a utoipa `Modify` that documents
+//!   the endpoints `#[idempotent]` marked;
 //! - [`deadpool_redis`] and [`redis`] (and `sqlx` with the `postgres` feature), re-exported so
 //!   that versions cannot drift.
 //!
@@ -48,6 +50,8 @@ mod http;
 mod key;
 mod lifecycle;
 mod observe;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 mod policy;
 mod problem;
 mod protocol;
