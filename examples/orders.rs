@@ -14,6 +14,7 @@
 //! | `ORDERS_TTL` | how long a finished response is kept for replay | `24h` |
 //! | `ORDERS_STORE_TIMEOUT` | the longest one Redis call may take before the request gets 503 | `2s` |
 //! | `ORDERS_DELAY_MS` | simulated work inside the handler, in milliseconds | `0` |
+//! | `ORDERS_SHUTDOWN_TIMEOUT` | on SIGTERM or Ctrl-C, how long to wait for running handlers (even those whose client left) before stopping | `30s` |
 //!
 //! Durations are written as `500ms`, `10s`, `5m`, `24h`.
 //!
@@ -48,6 +49,7 @@ struct Settings {
     ttl: Duration,
     store_timeout: Duration,
     delay: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Settings {
@@ -65,12 +67,15 @@ impl Settings {
                         .map_err(|e| format!("ORDERS_DELAY_MS must be a whole number: {e}"))?,
                 ),
             },
+            shutdown_timeout: duration("ORDERS_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
         })
     }
 
     /// The idempotency configuration: the store, then the app-wide defaults every
-    /// `#[idempotent]` handler uses unless it sets its own.
-    fn idempotency(&self) -> Result<Idempotency, String> {
+    /// `#[idempotent]` handler uses unless it sets its own. A Redis store is checked here, so an
+    /// unreachable Redis, or one whose `maxmemory-policy` could evict records, stops the service
+    /// at start with the fix.
+    async fn idempotency(&self) -> Result<Idempotency, String> {
         let idempotency = match &self.redis_url {
             Some(url) => {
                 let pool = idem::deadpool_redis::Config::from_url(url.as_str())
@@ -79,6 +84,7 @@ impl Settings {
                 let store = RedisStore::builder(pool)
                     .timeout(self.store_timeout)
                     .build();
+                store.check().await.map_err(|e| e.to_string())?;
                 Idempotency::new(store)
             }
             None => Idempotency::new(MemoryStore::new()),
@@ -160,7 +166,10 @@ async fn main() -> std::io::Result<()> {
         )
         .init();
     let settings = Settings::from_env().map_err(std::io::Error::other)?;
-    let idempotency = settings.idempotency().map_err(std::io::Error::other)?;
+    let idempotency = settings
+        .idempotency()
+        .await
+        .map_err(std::io::Error::other)?;
     let executions = web::Data::new(Executions::default());
     let delay = web::Data::new(Delay(settings.delay));
     tracing::info!(
@@ -170,9 +179,10 @@ async fn main() -> std::io::Result<()> {
         ttl = ?settings.ttl,
         store_timeout = ?settings.store_timeout,
         delay = ?settings.delay,
+        shutdown_timeout = ?settings.shutdown_timeout,
         "orders example listening"
     );
-    HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(idempotency.clone())
             .app_data(executions.clone())
@@ -180,7 +190,42 @@ async fn main() -> std::io::Result<()> {
             .service(create_order)
             .service(stats)
     })
+    .disable_signals()
+    .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
     .bind(&settings.bind)?
-    .run()
-    .await
+    .run();
+    // A deploy is not a crash: on SIGTERM, wait for running orders, even those whose client left,
+    // so their responses are stored and a retry on another instance replays them.
+    let handle = server.handle();
+    let timeout = settings.shutdown_timeout;
+    actix_web::rt::spawn(async move {
+        terminated().await;
+        tracing::info!(?timeout, "shutting down: waiting for running orders");
+        idem::shutdown(&handle, timeout).await;
+    });
+    server.await
+}
+
+/// Resolves on SIGTERM (a deploy, `docker stop`, Kubernetes) or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

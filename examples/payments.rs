@@ -284,7 +284,9 @@ fn json_config() -> web::JsonConfig {
     })
 }
 
-fn store_from_env() -> std::io::Result<Idempotency> {
+/// The store, checked at start: an unreachable Redis, or one whose `maxmemory-policy` could evict
+/// records, stops the example with the fix rather than failing its requests.
+async fn store_from_env() -> std::io::Result<Idempotency> {
     let to_io = |e: idem::StoreError| std::io::Error::other(e.to_string());
     let store = if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
         let urls: Vec<&str> = urls
@@ -293,10 +295,14 @@ fn store_from_env() -> std::io::Result<Idempotency> {
             .filter(|u| !u.is_empty())
             .collect();
         tracing::info!(nodes = ?urls, "using the Redis Cluster store");
-        Idempotency::new(idem::RedisClusterStore::from_urls(&urls).map_err(to_io)?)
+        let store = idem::RedisClusterStore::from_urls(&urls).map_err(to_io)?;
+        store.check().await.map_err(to_io)?;
+        Idempotency::new(store)
     } else if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!(%url, "using the Redis store");
-        Idempotency::new(RedisStore::from_url(&url).map_err(to_io)?)
+        let store = RedisStore::from_url(&url).map_err(to_io)?;
+        store.check().await.map_err(to_io)?;
+        Idempotency::new(store)
     } else {
         tracing::info!(
             "using the in-memory store (set REDIS_URL to share records between processes)"
@@ -333,11 +339,11 @@ async fn main() -> std::io::Result<()> {
         }
     });
     let prometheus = web::Data::new(prometheus);
-    let idempotency = store_from_env()?;
+    let idempotency = store_from_env().await?;
     let ledger = web::Data::new(Ledger::default());
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
     tracing::info!(%bind, delay_ms, "payments example listening");
-    HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
@@ -352,7 +358,44 @@ async fn main() -> std::io::Result<()> {
         let app = app.service(openapi_json);
         app
     })
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
     .bind(&bind)?
-    .run()
-    .await
+    .run();
+    // On SIGTERM or Ctrl-C, wait for running payments (even those whose client left) before
+    // stopping, so that a deploy does not cut one mid-flight and leave its retry to run it again.
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        terminated().await;
+        tracing::info!("shutting down: waiting for running payments");
+        idem::shutdown(&handle, SHUTDOWN_TIMEOUT).await;
+    });
+    server.await
+}
+
+/// How long a shutdown waits for running handlers (actix-web's default shutdown timeout).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves on SIGTERM (a deploy, `docker stop`, Kubernetes) or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -142,6 +142,26 @@ async fn streamed(executions: web::Data<Executions>, size: web::Path<usize>) -> 
         .streaming(futures_util::stream::iter(chunks))
 }
 
+/// A response streamed over several leases: 12 chunks, one every 200 ms, under a 600 ms lease.
+#[idempotent(require_key, scope = Tenant, lease = "600ms")]
+async fn slow_stream(executions: web::Data<Executions>) -> HttpResponse {
+    executions.0.fetch_add(1, Ordering::SeqCst);
+    let run = executions.get() as u8;
+    let chunks = futures_util::stream::unfold(0u8, move |i| async move {
+        if i == 12 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((
+            Ok::<_, actix_web::Error>(Bytes::from(vec![b'a' + run; 10])),
+            i + 1,
+        ))
+    });
+    HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .streaming(chunks)
+}
+
 struct TestApp<S> {
     service: S,
     executions: web::Data<Executions>,
@@ -173,7 +193,8 @@ async fn app(
             .route("/stripe", web::post().to(stripe_style))
             .route("/custom", web::post().to(custom_header))
             .route("/app-scoped", web::post().to(app_scoped))
-            .route("/stream/{size}", web::post().to(streamed)),
+            .route("/stream/{size}", web::post().to(streamed))
+            .route("/slow-stream", web::post().to(slow_stream)),
     )
     .await;
     TestApp {
@@ -561,6 +582,84 @@ async fn gzip_request_bodies_work_and_are_fingerprinted_as_sent(kind: Kind) {
     assert_eq!(app.executions.get(), 1);
 }
 
+/// What the fingerprint treats as the same request: the path as routed (`/or%64ers` is
+/// `/orders`), `Content-Type` up to case and whitespace, `Content-Encoding` up to case; another
+/// media type or coding with the same bytes is another request.
+async fn equivalent_requests_replay_and_different_heads_are_422(kind: Kind) {
+    let app = app(Backend::new(kind)).await;
+    let with = |path: &str, key: &str, content_type: &str| {
+        order(path, "t1", Some(key), OK).insert_header(("content-type", content_type.to_owned()))
+    };
+    let first = send(
+        &app.service,
+        with("/orders", "k", "application/json; charset=utf-8"),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for (path, content_type) in [
+        ("/or%64ers", "application/json; charset=utf-8"),
+        ("/%6Frders", "Application/JSON;charset=utf-8"),
+        ("/orders", "application/json ;  Charset = utf-8"),
+    ] {
+        let again = send(&app.service, with(path, "k", content_type)).await;
+        assert!(again.replayed(), "{path} {content_type}: {}", again.status);
+        assert_eq!(again.body, first.body);
+    }
+    for content_type in ["text/plain; charset=utf-8", "application/json"] {
+        let other = send(&app.service, with("/orders", "k", content_type)).await;
+        assert_eq!(
+            other.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{content_type}"
+        );
+    }
+    // The same bytes declared compressed are another request; the coding's case is not.
+    let gz = |encoding: &str| {
+        order("/orders", "t1", Some("gz"), "")
+            .insert_header(("content-encoding", encoding.to_owned()))
+            .set_payload(gzip(OK.as_bytes(), 6))
+    };
+    let compressed = send(&app.service, gz("gzip")).await;
+    assert_eq!(compressed.status, StatusCode::CREATED);
+    assert!(send(&app.service, gz("GZIP")).await.replayed());
+    let identity = send(
+        &app.service,
+        order("/orders", "t1", Some("gz"), "").set_payload(gzip(OK.as_bytes(), 6)),
+    )
+    .await;
+    assert_eq!(identity.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.executions.get(), 2);
+}
+
+/// The lease is renewed until the response body is read, not only while the handler function
+/// runs: a duplicate sent while the body still streams, leases after the handler returned, is
+/// told 409, and the handler runs once.
+async fn the_lease_lasts_while_a_streamed_body_is_read(kind: Kind) {
+    let app = app(Backend::new(kind)).await;
+    let request = || order("/slow-stream", "t1", Some("slow"), OK);
+    let first = send(&app.service, request());
+    let duplicate = async {
+        // Two and a half leases into the 2.4 s body.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        send(&app.service, request()).await
+    };
+    let (first, duplicate) = tokio::join!(first, duplicate);
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 120);
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CONFLICT,
+        "a duplicate while the body streamed: {:?}",
+        duplicate.body
+    );
+    assert!(duplicate.header("retry-after").is_some());
+    assert_eq!(app.executions.get(), 1);
+    let again = send(&app.service, request()).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(app.executions.get(), 1);
+}
+
 async fn bodies_over_max_body_are_413_and_not_recorded(kind: Kind) {
     let app = app(Backend::new(kind)).await;
     let big = format!(r#"{{"mode":"ok","padding":"{}"}}"#, "x".repeat(100));
@@ -622,6 +721,8 @@ on_every_store!(
     a_panicking_handler_releases_its_key,
     gzip_request_bodies_work_and_are_fingerprinted_as_sent,
     bodies_over_max_body_are_413_and_not_recorded,
+    equivalent_requests_replay_and_different_heads_are_422,
+    the_lease_lasts_while_a_streamed_body_is_read,
 );
 
 /// Store faults: only a network store can be down.
@@ -733,4 +834,80 @@ mod disconnect {
     async fn redis() {
         disconnect_then_retry(Kind::Redis).await;
     }
+}
+
+/// A ttl the stores cannot keep is refused where it is set, with the bound in the message, never
+/// after a handler ran.
+// `test` names actix-web's test module here: the built-in attribute by its full path.
+#[core::prelude::v1::test]
+#[should_panic(expected = "longer than the longest allowed, 31536000s")]
+fn an_over_long_ttl_panics_at_the_setter_naming_the_bound() {
+    let _ = idem::Idempotency::new(idem::MemoryStore::new()).ttl(Duration::MAX);
+}
+
+/// A full `MemoryStore` refuses new keys with 503 + `Retry-After` and evicts nothing: stored
+/// responses still replay, a request claimed before it filled still completes, and once records
+/// expire new keys run again.
+#[actix_rt::test]
+async fn a_full_memory_store_is_503_for_new_keys_and_keeps_its_records() {
+    const TTL: Duration = Duration::from_secs(4);
+    let idem = idem::Idempotency::new(idem::MemoryStore::with_capacity(4096))
+        .lease(Duration::from_millis(500))
+        .ttl(TTL);
+    let app = app(Backend { idem, server: None }).await;
+    // Two leases long: renewed while the store is full.
+    let slow = r#"{"mode":"ok","delay_ms":1000}"#;
+
+    // A slow request is claimed first; the store fills while it runs.
+    let in_flight = send(&app.service, order("/orders", "t1", Some("slow"), slow));
+    let fill = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut stored = Vec::new();
+        for i in 0..100 {
+            let key = format!("k-{i}");
+            let answer = send(&app.service, order("/orders", "t1", Some(&key), OK)).await;
+            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                return (stored, answer);
+            }
+            assert_eq!(answer.status, StatusCode::CREATED);
+            stored.push((key, answer.body));
+        }
+        panic!("a store of 4096 bytes took 100 responses");
+    };
+    let (slow_first, (stored, full)) = tokio::join!(in_flight, fill);
+    assert!(!stored.is_empty(), "some responses fit");
+    println!(
+        "a MemoryStore of 4096 bytes held {} responses",
+        stored.len()
+    );
+    assert!(full.problem_type().ends_with("/store-unavailable"));
+    assert!(full.header("retry-after").is_some());
+    let executions = app.executions.get();
+    assert_eq!(
+        executions,
+        stored.len() as u64 + 1,
+        "the refused key did not run"
+    );
+
+    // The request claimed before the store filled completed, and is replayed.
+    assert_eq!(slow_first.status, StatusCode::CREATED);
+    let slow_again = send(&app.service, order("/orders", "t1", Some("slow"), slow)).await;
+    assert!(slow_again.replayed());
+    assert_eq!(slow_again.body, slow_first.body);
+    // Every stored response is still replayed: nothing was evicted.
+    for (key, body) in &stored {
+        let again = send(&app.service, order("/orders", "t1", Some(key), OK)).await;
+        assert!(again.replayed(), "{key}");
+        assert_eq!(&again.body, body);
+    }
+    let refused = send(&app.service, order("/orders", "t1", Some("new"), OK)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.executions.get(), executions);
+
+    // Once the records expire, new keys run again.
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    let fresh = send(&app.service, order("/orders", "t1", Some("new"), OK)).await;
+    assert_eq!(fresh.status, StatusCode::CREATED);
+    assert!(!fresh.replayed());
+    assert_eq!(app.executions.get(), executions + 1);
 }

@@ -566,3 +566,172 @@ on_every_store!(
     malformed_input_never_gets_a_5xx,
     oversized_bodies_are_413_and_leave_no_record,
 );
+
+/// A compressed body is inflated in bounded chunks under the handler's own limits: a gzip body
+/// just under `max_body` that inflates to 1000 MiB costs the process a few MiB, not a GiB, and
+/// gets the extractor's answer. Run against the `orders` example as a child process, so that its
+/// peak resident memory (`VmHWM`) is its own.
+mod compressed {
+    use std::{
+        io::Write as _,
+        net::SocketAddr,
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use idem_testkit::free_port;
+
+    use crate::common::{example_binary, raw_request, try_request};
+
+    /// How much the bomb inflates to, in MiB.
+    const INFLATED_MIB: usize = 1000;
+    const CONCURRENT: usize = 3;
+    /// The bound on the child's peak resident memory (debug build): 17 MiB measured, 2969 MiB
+    /// before bodies were handed on in bounded chunks.
+    const PEAK_LIMIT_KIB: u64 = 128 * 1024;
+
+    /// The `orders` example on the in-memory store, killed when dropped.
+    struct Orders {
+        child: Child,
+        addr: SocketAddr,
+    }
+
+    impl Orders {
+        fn start() -> Self {
+            let binary = example_binary("orders");
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+                .parse()
+                .expect("an address");
+            let child = Command::new(&binary)
+                .env("BIND", addr.to_string())
+                .env_remove("REDIS_URL")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+            let mut orders = Self { child, addr };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(addr).is_err() {
+                if let Ok(Some(status)) = orders.child.try_wait() {
+                    panic!("the orders example exited with {status} before it listened");
+                }
+                assert!(Instant::now() < deadline, "orders did not listen on {addr}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            orders
+        }
+
+        /// The peak resident set size so far, in KiB.
+        fn peak_rss_kib(&self) -> u64 {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+                .expect("/proc/<pid>/status (Linux)");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("a VmHWM line")
+        }
+
+        fn executions(&self) -> u64 {
+            let stats = raw_request(
+                self.addr,
+                b"GET /stats HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+            );
+            let stats: serde_json::Value = serde_json::from_slice(&stats.body).expect("stats");
+            stats["executions"].as_u64().expect("executions")
+        }
+    }
+
+    impl Drop for Orders {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A valid gzip member of `mib` MiB of zeros, built without compressing all of it: one MiB
+    /// is deflated and sync-flushed (byte-aligned, its matches reach back only into zeros), and
+    /// the deflate blocks of the next MiB are repeated; the trailer's CRC-32 is combined per MiB.
+    fn gzip_of_zeros(mib: usize) -> Vec<u8> {
+        const MIB: usize = 1 << 20;
+        let zeros = vec![0u8; MIB];
+        let mut deflate =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        deflate.write_all(&zeros).expect("deflate");
+        deflate.flush().expect("sync flush");
+        let first = deflate.get_ref().len();
+        deflate.write_all(&zeros).expect("deflate");
+        deflate.flush().expect("sync flush");
+        let repeat = deflate.get_ref()[first..].to_vec();
+        for _ in 2..mib {
+            deflate.get_mut().extend_from_slice(&repeat);
+        }
+        let deflate = deflate.finish().expect("deflate");
+        let mut crc_mib = flate2::Crc::new();
+        crc_mib.update(&zeros);
+        let mut crc = flate2::Crc::new();
+        for _ in 0..mib {
+            crc.combine(&crc_mib);
+        }
+        let size = u32::try_from((mib * MIB) % (1 << 32)).expect("ISIZE is the size mod 2^32");
+        let mut gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        gz.extend_from_slice(&deflate);
+        gz.extend_from_slice(&crc.sum().to_le_bytes());
+        gz.extend_from_slice(&size.to_le_bytes());
+        gz
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_by_the_extractor_within_bounded_memory() {
+        let bomb = gzip_of_zeros(INFLATED_MIB);
+        assert!(
+            bomb.len() < idem::Idempotency::DEFAULT_MAX_BODY,
+            "the bomb ({} bytes) must be under max_body to reach the extractor",
+            bomb.len()
+        );
+        let orders = Orders::start();
+        let idle = orders.peak_rss_kib();
+        let clients: Vec<_> = (0..CONCURRENT)
+            .map(|i| {
+                let mut req = format!(
+                    "POST /orders HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+                     Authorization: Bearer alice\r\nIdempotency-Key: bomb-{i}\r\n\
+                     Content-Type: application/json\r\nContent-Encoding: gzip\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    bomb.len()
+                )
+                .into_bytes();
+                req.extend_from_slice(&bomb);
+                let addr = orders.addr;
+                std::thread::spawn(move || try_request(addr, &req, Duration::from_secs(60)))
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for client in clients {
+            let answer = client.join().expect("client").expect("an answer");
+            statuses.push(answer.status);
+            assert!(
+                answer.status == 413 || answer.status == 400,
+                "the extractor's refusal, not {} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        let peak = orders.peak_rss_kib();
+        println!(
+            "gzip bomb ({} bytes inflating to {INFLATED_MIB} MiB) x {CONCURRENT}: peak RSS of \
+             the orders process {} MiB (idle {} MiB), answers {statuses:?}",
+            bomb.len(),
+            peak / 1024,
+            idle / 1024
+        );
+        assert!(
+            peak < PEAK_LIMIT_KIB,
+            "peak RSS {} MiB: the body was inflated far past the extractor's limit",
+            peak / 1024
+        );
+        assert_eq!(orders.executions(), 0, "the process serves on; nothing ran");
+    }
+}

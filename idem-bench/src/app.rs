@@ -314,10 +314,10 @@ async fn floor_lua(
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let (claim, complete) = scripts();
-    let lease = FLOOR_LEASE_MS.to_string();
-    match evalsha(&mut conn, claim, &key, &[PENDING, lease.as_bytes()]).await {
-        Ok(redis::Value::Int(1)) => {}
+    let (_, complete) = scripts();
+    let claim = idem_runtime::testing::claim_command(key.as_bytes(), PENDING, FLOOR_LEASE_MS);
+    match conn.query::<redis::Value>(&claim).await {
+        Ok(redis::Value::Nil) => {}
         Ok(_) => return HttpResponse::Conflict().finish(),
         Err(e) => return HttpResponse::ServiceUnavailable().body(e.to_string()),
     }
@@ -330,7 +330,7 @@ async fn floor_lua(
     }
 }
 
-/// Row 4b: one `EVALSHA` of the library's claim script on a stored record, by hand.
+/// Row 4b: the library's claim (one `SET ... NX GET`) on a stored record, by hand.
 async fn get_lua(req: HttpRequest, account: Account) -> HttpResponse {
     let Some(key) = floor_key(&req, &account) else {
         return HttpResponse::BadRequest().finish();
@@ -339,19 +339,16 @@ async fn get_lua(req: HttpRequest, account: Account) -> HttpResponse {
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let lease = FLOOR_LEASE_MS.to_string();
-    match evalsha(&mut conn, &scripts().0, &key, &[PENDING, lease.as_bytes()]).await {
-        Ok(redis::Value::Array(mut items)) if items.len() == 2 => match items.swap_remove(0) {
-            redis::Value::BulkString(body) => {
-                let mut resp = HttpResponse::Created()
-                    .content_type("application/json")
-                    .body(body);
-                resp.headers_mut()
-                    .insert(header::LOCATION, HeaderValue::from_static("/payments/x"));
-                resp
-            }
-            _ => HttpResponse::InternalServerError().finish(),
-        },
+    let claim = idem_runtime::testing::claim_command(key.as_bytes(), PENDING, FLOOR_LEASE_MS);
+    match conn.query::<redis::Value>(&claim).await {
+        Ok(redis::Value::BulkString(body)) => {
+            let mut resp = HttpResponse::Created()
+                .content_type("application/json")
+                .body(body);
+            resp.headers_mut()
+                .insert(header::LOCATION, HeaderValue::from_static("/payments/x"));
+            resp
+        }
         Ok(_) => HttpResponse::NotFound().finish(),
         Err(e) => HttpResponse::ServiceUnavailable().body(e.to_string()),
     }

@@ -1,23 +1,35 @@
-//! The request fingerprint: SHA-256 over method, path, query string and the raw body bytes.
+//! The request fingerprint: SHA-256 over what makes two requests with one key the same request.
 //!
-//! Every field but the last is length-prefixed, and the body's length closes the hash, so no two
+//! Hashed, in order: the method; the path as the router matched it (actix-web's re-quoted form:
+//! percent-escapes of characters that need none are decoded, `%2F`, `%25` and `%2B` are kept, so
+//! `/pay%6Dents` is `/payments`; the raw path when decoding would not be valid UTF-8); the raw
+//! query string; `Content-Type`, normalised (the media type and parameter names lower-cased,
+//! whitespace around `;` and `=` and at the ends dropped, empty parameters dropped, parameter
+//! values kept as sent); `Content-Encoding`, normalised (codings lower-cased, trimmed, several
+//! lines joined by `,`); then the raw body bytes, as sent (before any decompression). A header
+//! that is absent and one that is empty are the same.
+//!
+//! Every field but the body is length-prefixed, and the body's length closes the hash, so no two
 //! distinct requests share an encoding: `("/a", "bc")` and `("/ab", "c")` hash differently.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use sha2::{Digest, Sha256};
 
-const DOMAIN: &[u8] = b"idem/fingerprint/v1\0";
+/// The encoding's version: a change to what is hashed changes it, so that no two encodings can
+/// agree by accident (a stored request then answers 422 to its retries until its ttl ends).
+const DOMAIN: &[u8] = b"idem/fingerprint/v2\0";
 
 /// A SHA-256 digest identifying one request's content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
-    /// The fingerprint of a request whose body is already in memory.
+    /// The fingerprint of a request with no `Content-Type` or `Content-Encoding` whose body is
+    /// already in memory.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn compute(method: &str, path: &str, query: &str, body: &[u8]) -> Self {
-        let mut hasher = FingerprintHasher::new(method, path, query);
+        let mut hasher = FingerprintHasher::new(method, path, query, &[], &[]);
         hasher.update(body);
         hasher.finish()
     }
@@ -51,13 +63,38 @@ pub(crate) struct FingerprintHasher {
 }
 
 impl FingerprintHasher {
-    /// Starts a fingerprint with the request line's parts.
-    pub(crate) fn new(method: &str, path: &str, query: &str) -> Self {
+    /// Starts a fingerprint with the request's head: method, path (as routed), query, and the
+    /// raw values of its `Content-Type` and `Content-Encoding` header lines (normalised here).
+    pub(crate) fn new(
+        method: &str,
+        path: &str,
+        query: &str,
+        content_type: &[&[u8]],
+        content_encoding: &[&[u8]],
+    ) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(DOMAIN);
-        for field in [method, path, query] {
+        // The usual request (one `Content-Type: application/json`, no `Content-Encoding`) is
+        // already in normal form: hashed as sent, with no copy.
+        let content_type: Cow<'_, [u8]> = match content_type {
+            [] => Cow::Borrowed(b""),
+            [line] if is_normal_content_type(line) => Cow::Borrowed(line),
+            lines => Cow::Owned(normalise_content_type(lines)),
+        };
+        let content_encoding: Cow<'_, [u8]> = match content_encoding {
+            [] => Cow::Borrowed(b""),
+            [line] if is_normal_content_encoding(line) => Cow::Borrowed(line),
+            lines => Cow::Owned(normalise_content_encoding(lines)),
+        };
+        for field in [
+            method.as_bytes(),
+            path.as_bytes(),
+            query.as_bytes(),
+            &content_type,
+            &content_encoding,
+        ] {
             hasher.update((field.len() as u64).to_be_bytes());
-            hasher.update(field.as_bytes());
+            hasher.update(field);
         }
         Self {
             hasher,
@@ -76,6 +113,120 @@ impl FingerprintHasher {
         self.hasher.update(self.body_len.to_be_bytes());
         Fingerprint(self.hasher.finalize().into())
     }
+}
+
+const fn is_ows(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = v {
+        if !is_ows(*first) {
+            break;
+        }
+        v = rest;
+    }
+    while let [rest @ .., last] = v {
+        if !is_ows(*last) {
+            break;
+        }
+        v = rest;
+    }
+    v
+}
+
+/// Splits `value` at every `sep` outside a quoted string (a `"` up to the next unescaped `"`).
+fn split_unquoted(value: &[u8], sep: u8) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == sep && !quoted {
+            parts.push(&value[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&value[start..]);
+    parts
+}
+
+/// `Content-Type` as hashed: per header line, the media type lower-cased, then each non-empty
+/// parameter as `;name=value` with the name lower-cased and the value as sent, whitespace around
+/// them dropped; several lines (not valid HTTP, but possible) are kept apart by `\n`, which no
+/// header value holds.
+fn normalise_content_type(lines: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        if n > 0 {
+            out.push(b'\n');
+        }
+        let mut segments = split_unquoted(line, b';').into_iter();
+        if let Some(media_type) = segments.next() {
+            out.extend(trim_ows(media_type).iter().map(u8::to_ascii_lowercase));
+        }
+        for parameter in segments.map(trim_ows).filter(|p| !p.is_empty()) {
+            out.push(b';');
+            match parameter.iter().position(|&b| b == b'=') {
+                Some(eq) => {
+                    out.extend(
+                        trim_ows(&parameter[..eq])
+                            .iter()
+                            .map(u8::to_ascii_lowercase),
+                    );
+                    out.push(b'=');
+                    out.extend_from_slice(trim_ows(&parameter[eq + 1..]));
+                }
+                None => out.extend(parameter.iter().map(u8::to_ascii_lowercase)),
+            }
+        }
+    }
+    out
+}
+
+/// Whether one `Content-Type` line is its own normal form: no upper case, no whitespace, no quoted
+/// string, no empty parameter. `normalise_content_type` leaves such a line as it is (a test checks
+/// it), so it is hashed without a copy.
+fn is_normal_content_type(line: &[u8]) -> bool {
+    !line.is_empty()
+        && line
+            .iter()
+            .all(|&b| !b.is_ascii_uppercase() && !is_ows(b) && b != b'"')
+        && !line.starts_with(b";")
+        && !line.ends_with(b";")
+        && !line.windows(2).any(|w| w == b";;")
+}
+
+/// Whether one `Content-Encoding` line is its own normal form: lower-case codings, no whitespace,
+/// no empty coding.
+fn is_normal_content_encoding(line: &[u8]) -> bool {
+    !line.is_empty()
+        && line.iter().all(|&b| !b.is_ascii_uppercase() && !is_ows(b))
+        && !line.starts_with(b",")
+        && !line.ends_with(b",")
+        && !line.windows(2).any(|w| w == b",,")
+}
+
+/// `Content-Encoding` as hashed: every coding of every line, lower-cased and trimmed, empty ones
+/// dropped, joined by `,` (several lines of a list header mean the same as one joined by commas).
+fn normalise_content_encoding(lines: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let codings = lines
+        .iter()
+        .flat_map(|line| line.split(|&b| b == b','))
+        .map(trim_ows)
+        .filter(|c| !c.is_empty());
+    for (n, coding) in codings.enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend(coding.iter().map(u8::to_ascii_lowercase));
+    }
+    out
 }
 
 impl fmt::Debug for FingerprintHasher {
@@ -125,7 +276,7 @@ mod tests {
     #[test]
     fn chunking_does_not_change_the_digest() {
         let whole = Fingerprint::compute("POST", "/x", "", b"hello world");
-        let mut h = FingerprintHasher::new("POST", "/x", "");
+        let mut h = FingerprintHasher::new("POST", "/x", "", &[], &[]);
         h.update(b"hello");
         h.update(b"");
         h.update(b" world");
@@ -136,35 +287,152 @@ mod tests {
         fp.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    fn head(content_type: &[&str], content_encoding: &[&str]) -> Fingerprint {
+        let ct: Vec<&[u8]> = content_type.iter().map(|v| v.as_bytes()).collect();
+        let ce: Vec<&[u8]> = content_encoding.iter().map(|v| v.as_bytes()).collect();
+        FingerprintHasher::new("POST", "/p", "", &ct, &ce).finish()
+    }
+
+    #[test]
+    fn content_type_is_compared_normalised() {
+        let json = head(&["application/json;charset=utf-8"], &[]);
+        for same in [
+            "Application/JSON;charset=utf-8",
+            " application/json ; charset = utf-8 ",
+            "application/json;\tCharset=utf-8",
+            "application/json;charset=utf-8;",
+        ] {
+            assert_eq!(head(&[same], &[]), json, "{same}");
+        }
+        for other in [
+            "application/json",
+            "text/plain;charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/json;charset=\"utf-8\"",
+            "application/json;charset=utf-8;x=1",
+        ] {
+            assert_ne!(head(&[other], &[]), json, "{other}");
+        }
+        // A `;` inside a quoted value is not a separator, and its spaces are kept.
+        assert_ne!(
+            head(&["a/b; x=\"1 ; 2\""], &[]),
+            head(&["a/b; x=\"1;2\""], &[])
+        );
+        assert_eq!(
+            head(&["a/b; x=\"1 ; 2\""], &[]),
+            head(&["a/b;x=\"1 ; 2\""], &[])
+        );
+        // Absent and empty are the same; two lines are not one line.
+        assert_eq!(head(&[], &[]), head(&[""], &[]));
+        assert_ne!(head(&["a/b", "c/d"], &[]), head(&["a/b;c/d"], &[]));
+    }
+
+    #[test]
+    fn content_encoding_is_compared_normalised() {
+        let gzip = head(&[], &["gzip"]);
+        assert_eq!(head(&[], &["GZip "]), gzip);
+        assert_ne!(head(&[], &[]), gzip);
+        assert_ne!(head(&[], &["br"]), gzip);
+        let both = head(&[], &["gzip, br"]);
+        assert_eq!(head(&[], &["gzip", "br"]), both);
+        assert_eq!(head(&[], &["gzip,br,"]), both);
+        assert_ne!(head(&[], &["br, gzip"]), both);
+        // The fields are apart: a media type is not a coding.
+        assert_ne!(head(&["gzip"], &[]), gzip);
+    }
+
     #[test]
     fn known_vectors_are_pinned() {
-        // Computed independently (SHA-256 of "idem/fingerprint/v1\0", then method, path and
-        // query each as a big-endian u64 length and its bytes, then the body and its length):
-        // changing the encoding turns every retry of a stored request into a 422.
-        for (method, path, query, body, digest) in [
+        // Computed independently (Python's hashlib: SHA-256 of "idem/fingerprint/v2\0", then
+        // method, path, query, normalised Content-Type and normalised Content-Encoding each as a
+        // big-endian u64 length and its bytes, then the body and its length): changing the
+        // encoding turns every retry of a stored request into a 422.
+        for (method, path, query, content_type, content_encoding, body, digest) in [
             (
                 "POST",
                 "/payments",
                 "",
+                &[][..],
+                &[][..],
                 &b"{\"amount\":100}"[..],
-                "ce381b8ea7418a82aa1bd3051e5bbea0e7dafea5e4e17f3164ed45223fc2694c",
+                "ed12600ce1a2d7c62aa9ddb07b19c651025d45960976d08b54a997339c2d6af2",
             ),
             (
                 "POST",
                 "/p",
                 "",
+                &[],
+                &[],
                 b"",
-                "59fda3bcdbe41915d42a1dcfda43ec6bbafbaf3392e0a677c2e64fad26078792",
+                "2dc3f124ee7fea550b597fb7913587ea9f0c0ad22ee833c419d9023c16ad52d4",
             ),
             (
                 "PATCH",
                 "/orders/7",
                 "a=1&b=2",
+                // Hashed as "application/json;charset=UTF-8" and "gzip,br".
+                &[&b"Application/JSON ; Charset = UTF-8"[..]],
+                &[&b"GZIP"[..], b" br"],
                 b"xxx",
-                "3556d3ad95fb18102f02505102638455373b0538be229ca759dadbada32dc7b4",
+                "9daec87dc07a30c1af8253c66f7ba4f2e4be736116f0c14cdc51564e82901ebe",
             ),
         ] {
-            assert_eq!(hex(Fingerprint::compute(method, path, query, body)), digest);
+            let mut hasher =
+                FingerprintHasher::new(method, path, query, content_type, content_encoding);
+            hasher.update(body);
+            assert_eq!(hex(hasher.finish()), digest);
+        }
+        assert_eq!(
+            hex(Fingerprint::compute("POST", "/p", "", b"")),
+            "2dc3f124ee7fea550b597fb7913587ea9f0c0ad22ee833c419d9023c16ad52d4"
+        );
+    }
+
+    #[test]
+    fn a_line_in_normal_form_is_what_normalising_it_gives() {
+        for line in [
+            &b"application/json"[..],
+            b"application/json;charset=utf-8",
+            b"text/plain;format=flowed;delsp=yes",
+            b"multipart/form-data;boundary=abc",
+            b"a",
+        ] {
+            assert!(is_normal_content_type(line), "{line:?}");
+            assert_eq!(normalise_content_type(&[line]), line, "{line:?}");
+        }
+        for line in [
+            &b"Application/JSON"[..],
+            b"application/json; charset=utf-8",
+            b"application/json;charset=\"utf-8\"",
+            b"application/json;",
+            b";a",
+            b"a;;b",
+            b"",
+        ] {
+            assert!(!is_normal_content_type(line), "{line:?}");
+        }
+        for line in [&b"gzip"[..], b"gzip,br", b"deflate"] {
+            assert!(is_normal_content_encoding(line), "{line:?}");
+            assert_eq!(normalise_content_encoding(&[line]), line, "{line:?}");
+        }
+        for line in [&b"GZIP"[..], b"gzip, br", b"gzip,", b",gzip", b"a,,b", b""] {
+            assert!(!is_normal_content_encoding(line), "{line:?}");
+        }
+        // Every printable line of up to three characters over the bytes that matter: the fast
+        // path never disagrees with the normalisation.
+        let alphabet = b"aA;=, \"b";
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    let line = [*a, *b, *c];
+                    if is_normal_content_type(&line) {
+                        assert_eq!(normalise_content_type(&[&line]), line, "{line:?}");
+                    }
+                    if is_normal_content_encoding(&line) {
+                        assert_eq!(normalise_content_encoding(&[&line]), line, "{line:?}");
+                    }
+                }
+            }
         }
     }
 }

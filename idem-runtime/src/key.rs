@@ -5,18 +5,19 @@
 //! bare token (`Idempotency-Key: 8e03978e-40d5-43e8-bc93-6894a57f9324`). Both are accepted and mean the
 //! same key. A key is 1 to [`MAX_KEY_LEN`] visible ASCII characters (`0x21..=0x7e`).
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// The longest key accepted, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 255;
 
-/// A validated idempotency key, as the client meant it (quotes and escapes removed).
+/// A validated idempotency key, as the client meant it (quotes and escapes removed). It borrows
+/// the header's bytes, unless a quoted key had escapes to remove.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct IdempotencyKey(String);
+pub(crate) struct IdempotencyKey<'a>(Cow<'a, str>);
 
-impl IdempotencyKey {
+impl<'a> IdempotencyKey<'a> {
     /// The key as a string.
     pub(crate) fn as_str(&self) -> &str {
         &self.0
@@ -28,12 +29,12 @@ impl IdempotencyKey {
     ///
     /// Returns a [`KeyError`] naming what is wrong: empty, too long, a character outside visible
     /// ASCII, or a malformed quoted string.
-    pub(crate) fn parse(raw: &[u8]) -> Result<Self, KeyError> {
+    pub(crate) fn parse(raw: &'a [u8]) -> Result<Self, KeyError> {
         let raw = trim_ows(raw);
         let key = if raw.first() == Some(&b'"') {
             unquote(raw)?
         } else {
-            raw.to_vec()
+            Cow::Borrowed(raw)
         };
         if key.is_empty() {
             return Err(KeyError::Empty);
@@ -46,9 +47,13 @@ impl IdempotencyKey {
         }
         // Every byte is visible ASCII, so this cannot fail; map the impossible case to an error
         // rather than panicking on client input.
-        String::from_utf8(key)
-            .map(Self)
-            .map_err(|_| KeyError::InvalidCharacter { position: 0 })
+        let invalid = |_| KeyError::InvalidCharacter { position: 0 };
+        Ok(Self(match key {
+            Cow::Borrowed(bytes) => Cow::Borrowed(std::str::from_utf8(bytes).map_err(invalid)?),
+            Cow::Owned(bytes) => Cow::Owned(
+                String::from_utf8(bytes).map_err(|_| KeyError::InvalidCharacter { position: 0 })?,
+            ),
+        }))
     }
 
     /// Reads the key from `headers`: `Ok(None)` when the header is absent.
@@ -58,7 +63,7 @@ impl IdempotencyKey {
     /// [`KeyError::MultipleHeaders`] when the header appears more than once, or the error of
     /// [`IdempotencyKey::parse`] for its value.
     pub(crate) fn from_headers(
-        headers: &HeaderMap,
+        headers: &'a HeaderMap,
         name: &HeaderName,
     ) -> Result<Option<Self>, KeyError> {
         let mut values = headers.get_all(name);
@@ -76,18 +81,18 @@ impl IdempotencyKey {
     /// # Errors
     ///
     /// As [`IdempotencyKey::parse`].
-    pub(crate) fn from_header_value(value: &HeaderValue) -> Result<Self, KeyError> {
+    pub(crate) fn from_header_value(value: &'a HeaderValue) -> Result<Self, KeyError> {
         Self::parse(value.as_bytes())
     }
 }
 
-impl fmt::Debug for IdempotencyKey {
+impl fmt::Debug for IdempotencyKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("IdempotencyKey").field(&self.0).finish()
     }
 }
 
-impl fmt::Display for IdempotencyKey {
+impl fmt::Display for IdempotencyKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -132,8 +137,18 @@ fn trim_ows(raw: &[u8]) -> &[u8] {
     &raw[start..end]
 }
 
-/// RFC 8941 §3.3.3 sString: `DQUOTE *( unescaped / "\" ( DQUOTE / "\" ) ) DQUOTE`.
-fn unquote(raw: &[u8]) -> Result<Vec<u8>, KeyError> {
+/// RFC 8941 §3.3.3 sString: `DQUOTE *( unescaped / "\" ( DQUOTE / "\" ) ) DQUOTE`. Borrows the
+/// inside of the quotes when it holds no escape.
+fn unquote(raw: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
+    if let [b'"', inner @ .., b'"'] = raw {
+        if !inner.iter().any(|&b| b == b'\\' || b == b'"') {
+            return Ok(Cow::Borrowed(inner));
+        }
+    }
+    unescape(raw).map(Cow::Owned)
+}
+
+fn unescape(raw: &[u8]) -> Result<Vec<u8>, KeyError> {
     let mut out = Vec::with_capacity(raw.len());
     let mut iter = raw.iter().enumerate().skip(1);
     while let Some((i, &b)) = iter.next() {

@@ -8,9 +8,11 @@
 //! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
 //!   registered with `App::app_data`;
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
-//!   their builders, and [`NotReplicated`] (a cluster write too few replicas confirmed); with the
+//!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
+//!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
 //!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
+//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
@@ -34,7 +36,8 @@
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
-//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
+//! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
+//! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
 //! # Supported Rust versions
 //!
@@ -57,6 +60,7 @@ mod problem;
 mod protocol;
 mod record;
 mod scope;
+mod shutdown;
 mod store;
 mod waiters;
 
@@ -73,10 +77,11 @@ pub use crate::{
     protocol::Claim,
     record::{OwnerToken, StoredResponse},
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
+    shutdown::shutdown,
     store::{
         memory::MemoryStore,
         redis::{
-            NotReplicated, RedisClusterStore, RedisClusterStoreBuilder, RedisStore,
+            EvictionRisk, NotReplicated, RedisClusterStore, RedisClusterStoreBuilder, RedisStore,
             RedisStoreBuilder,
         },
         Ownership, Store, StoreError, Ticket,

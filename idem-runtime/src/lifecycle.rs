@@ -286,12 +286,15 @@ pub(crate) enum Settlement {
 #[async_trait]
 pub(crate) trait Completion: Send {
     /// Completes the ticket's record with `response`, kept for `ttl`; fenced by the ticket's token.
+    /// A write that is safe to re-apply retries a store failure for up to `retry_for` (see
+    /// [`retry_fenced`]); one that is not (a transaction's commit) ignores it.
     async fn complete(
         self: Box<Self>,
         store: &dyn Store,
         ticket: &Ticket,
         response: &StoredResponse,
         ttl: Duration,
+        retry_for: Duration,
     ) -> Result<Ownership, StoreError>;
 
     /// The response is not stored: undo whatever the completion holds (a transaction rolls back).
@@ -309,8 +312,62 @@ impl Completion for StoreCompletion {
         ticket: &Ticket,
         response: &StoredResponse,
         ttl: Duration,
+        retry_for: Duration,
     ) -> Result<Ownership, StoreError> {
-        store.complete(ticket, response, ttl).await
+        // Each attempt is one store call, timed as such.
+        let kind = store.kind();
+        retry_fenced("completion", retry_for, || {
+            observe::timed(Op::Complete, kind, store.complete(ticket, response, ttl))
+        })
+        .await
+    }
+}
+
+/// The longest a fenced write (complete, release) that failed on the store is retried. The bound
+/// is the lease, and at most this: past the lease the pending record may have expired (renewal
+/// stopped when the handler ended) and a retry of the request may be running the handler, so a
+/// later write could only answer `Lost`; and the handler's response waits for its completion, so
+/// a store that stays down must not hold it back from its client for longer than this. A
+/// routine failure (a reset connection, a failover, a full Redis that frees memory) heals well
+/// within it.
+pub(crate) const FENCED_RETRY_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs a fenced write, retrying it with backoff while the store is unavailable or times out, for
+/// up to `retry_for` (a last attempt may start just before the bound and take one store timeout).
+/// Re-applying a fenced write is safe: the owner token makes a second complete or release of the
+/// same record a no-op or the same write, and never a write over a newer owner's record. Other
+/// errors (a corrupt record, an unencodable response) are not retried: they would fail again.
+pub(crate) async fn retry_fenced<F, Fut>(
+    what: &str,
+    retry_for: Duration,
+    mut write: F,
+) -> Result<Ownership, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Ownership, StoreError>>,
+{
+    let deadline = Instant::now() + retry_for;
+    let mut backoff = Duration::from_millis(20);
+    let mut failures = 0u32;
+    loop {
+        match write().await {
+            Err(err @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
+                failures += 1;
+                let now = Instant::now();
+                if now + backoff >= deadline {
+                    return Err(err);
+                }
+                tracing::warn!(error = %err, attempt = failures, "the {what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            answer => {
+                if failures > 0 && answer.is_ok() {
+                    tracing::info!(attempts = failures + 1, "the {what} succeeded on a retry");
+                }
+                return answer;
+            }
+        }
     }
 }
 
@@ -361,12 +418,15 @@ impl Owned {
         };
         match policy::disposition(response.status, self.policy.server_errors) {
             Disposition::Store => {
-                let written = observe::timed(
-                    Op::Complete,
-                    self.store.kind(),
-                    completion.complete(&*self.store, &self.ticket, &response, self.policy.ttl),
-                )
-                .await;
+                let written = completion
+                    .complete(
+                        &*self.store,
+                        &self.ticket,
+                        &response,
+                        self.policy.ttl,
+                        self.retry_for(),
+                    )
+                    .await;
                 match written {
                     Ok(Ownership::Held) => {}
                     Ok(Ownership::Lost) => {
@@ -377,6 +437,7 @@ impl Owned {
                     }
                     Err(err) => tracing::error!(
                         error = %err,
+                        retried_for = ?self.retry_for(),
                         "the response could not be stored: a retry after the lease runs out runs the handler again"
                     ),
                 }
@@ -390,14 +451,18 @@ impl Owned {
         }
     }
 
+    /// How long a fenced write is retried: the lease, at most [`FENCED_RETRY_LIMIT`].
+    fn retry_for(&self) -> Duration {
+        self.policy.lease.min(FENCED_RETRY_LIMIT)
+    }
+
     async fn release(&self) {
-        match observe::timed(
-            Op::Release,
-            self.store.kind(),
-            self.store.release(&self.ticket),
-        )
-        .await
-        {
+        let kind = self.store.kind();
+        let released = retry_fenced("release", self.retry_for(), || {
+            observe::timed(Op::Release, kind, self.store.release(&self.ticket))
+        })
+        .await;
+        match released {
             Ok(Ownership::Held) => {}
             Ok(Ownership::Lost) => observe::lease_lost(self.policy.handler, Op::Release),
             Err(err) => tracing::warn!(
@@ -630,6 +695,126 @@ mod tests {
                 .expect("claims"),
             Claim::Acquired
         );
+    }
+
+    /// A store whose fenced writes (complete, release) fail `failures` times, as on a broken
+    /// connection, then reach a memory store.
+    struct WritesFail {
+        inner: MemoryStore,
+        failures: usize,
+        completes: AtomicUsize,
+        releases: AtomicUsize,
+    }
+
+    impl WritesFail {
+        fn new(failures: usize) -> Arc<Self> {
+            Arc::new(Self {
+                inner: MemoryStore::new(),
+                failures,
+                completes: AtomicUsize::new(0),
+                releases: AtomicUsize::new(0),
+            })
+        }
+
+        fn broken(&self, calls: &AtomicUsize) -> Result<(), StoreError> {
+            if calls.fetch_add(1, Ordering::Relaxed) < self.failures {
+                let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+                return Err(StoreError::Unavailable(Box::new(pipe)));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Store for WritesFail {
+        async fn claim(&self, t: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+            self.inner.claim(t, lease).await
+        }
+        async fn renew(&self, t: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
+            self.inner.renew(t, lease).await
+        }
+        async fn complete(
+            &self,
+            t: &Ticket,
+            r: &StoredResponse,
+            ttl: Duration,
+        ) -> Result<Ownership, StoreError> {
+            self.broken(&self.completes)?;
+            self.inner.complete(t, r, ttl).await
+        }
+        async fn release(&self, t: &Ticket) -> Result<Ownership, StoreError> {
+            self.broken(&self.releases)?;
+            self.inner.release(t).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_completion_is_retried_until_it_is_stored() {
+        let failing = WritesFail::new(4);
+        let store: Arc<dyn Store> = failing.clone();
+        let p = policy(30_000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let outcome = owned
+            .settle(
+                Settlement::Response(response(201)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        assert_eq!(outcome, Outcome::Executed);
+        assert_eq!(failing.completes.load(Ordering::Relaxed), 5);
+        // The retry replays: the handler would not run a second time.
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p, &Waiters::default())
+                .await
+                .expect("claims"),
+            Claim::Replay(response(201))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_release_is_retried_until_the_key_is_free() {
+        let failing = WritesFail::new(3);
+        let store: Arc<dyn Store> = failing.clone();
+        let p = policy(30_000);
+        let owned = acquire(&store, &ticket(b"a"), p).await;
+        let outcome = owned
+            .settle(
+                Settlement::Response(response(503)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        assert_eq!(outcome, Outcome::ExecutedReleased);
+        assert_eq!(failing.releases.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            claim(&*store, &ticket(b"a"), &p, &Waiters::default())
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_stays_down_is_given_up_on_within_the_bound() {
+        for (lease_ms, bound) in [
+            (2_000, Duration::from_secs(2)),
+            (60_000, FENCED_RETRY_LIMIT),
+        ] {
+            let failing = WritesFail::new(usize::MAX);
+            let store: Arc<dyn Store> = failing.clone();
+            let p = policy(lease_ms);
+            let owned = acquire(&store, &ticket(b"a"), p).await;
+            let started = Instant::now();
+            let outcome = owned
+                .settle(
+                    Settlement::Response(response(201)),
+                    Box::new(StoreCompletion),
+                )
+                .await;
+            assert_eq!(outcome, Outcome::Executed);
+            assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+            assert!(started.elapsed() >= bound / 2, "{:?}", started.elapsed());
+            assert!(failing.completes.load(Ordering::Relaxed) > 3);
+        }
     }
 
     #[tokio::test]

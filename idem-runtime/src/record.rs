@@ -217,11 +217,20 @@ impl Record {
 }
 
 /// The encoding of a pending record: also the exact bytes the owner compares against in the store.
+#[cfg(test)]
 pub(crate) fn encode_pending(fingerprint: &Fingerprint, token: &OwnerToken) -> Bytes {
-    let mut buf = BytesMut::with_capacity(PENDING_LEN);
-    put_header(&mut buf, KIND_PENDING, fingerprint);
-    buf.put_slice(token.as_bytes());
-    buf.freeze()
+    Bytes::copy_from_slice(&pending_bytes(fingerprint, token))
+}
+
+/// The encoding of a pending record, on the stack: a ticket keeps it inline, with no allocation.
+pub(crate) fn pending_bytes(fingerprint: &Fingerprint, token: &OwnerToken) -> [u8; PENDING_LEN] {
+    let mut out = [0u8; PENDING_LEN];
+    out[..2].copy_from_slice(MAGIC);
+    out[2] = VERSION;
+    out[3] = KIND_PENDING;
+    out[4..HEADER_LEN].copy_from_slice(fingerprint.as_bytes());
+    out[HEADER_LEN..].copy_from_slice(token.as_bytes());
+    out
 }
 
 /// The encoding of a completed record.

@@ -82,11 +82,11 @@ pub struct RecordKey([u8; 32]);
 
 impl RecordKey {
     /// The address of `key` within `scope`.
-    pub(crate) fn new(scope: &ScopeId, key: &IdempotencyKey) -> Self {
+    pub(crate) fn new(scope: &str, key: &IdempotencyKey<'_>) -> Self {
         let mut h = Sha256::new();
         h.update(b"idem/record/v1\0");
-        h.update((scope.as_str().len() as u64).to_be_bytes());
-        h.update(scope.as_str().as_bytes());
+        h.update((scope.len() as u64).to_be_bytes());
+        h.update(scope.as_bytes());
         h.update((key.as_str().len() as u64).to_be_bytes());
         h.update(key.as_str().as_bytes());
         Self(h.finalize().into())
@@ -117,28 +117,25 @@ impl fmt::Debug for RecordKey {
 mod tests {
     use super::*;
 
-    fn key(s: &str) -> IdempotencyKey {
+    fn key(s: &str) -> IdempotencyKey<'_> {
         IdempotencyKey::parse(s.as_bytes()).expect("valid key")
     }
 
     #[test]
     fn scope_separates_records() {
         let k = key("abc");
-        assert_ne!(
-            RecordKey::new(&ScopeId::new("alice"), &k),
-            RecordKey::new(&ScopeId::new("bob"), &k)
-        );
+        assert_ne!(RecordKey::new("alice", &k), RecordKey::new("bob", &k));
         assert_eq!(
-            RecordKey::new(&ScopeId::new("alice"), &k),
-            RecordKey::new(&ScopeId::new("alice"), &key("\"abc\""))
+            RecordKey::new("alice", &k),
+            RecordKey::new("alice", &key("\"abc\""))
         );
     }
 
     #[test]
     fn scope_and_key_boundaries_are_unambiguous() {
         assert_ne!(
-            RecordKey::new(&ScopeId::new("ab"), &key("c")),
-            RecordKey::new(&ScopeId::new("a"), &key("bc"))
+            RecordKey::new("ab", &key("c")),
+            RecordKey::new("a", &key("bc"))
         );
     }
 
@@ -146,7 +143,7 @@ mod tests {
     fn the_address_is_pinned() {
         // An independent computation (SHA-256 of "idem/record/v1\0", then each field as a
         // big-endian u64 length and its bytes): changing the encoding orphans every stored record.
-        let rk = RecordKey::new(&ScopeId::new("alice"), &key("7c0e"));
+        let rk = RecordKey::new("alice", &key("7c0e"));
         let hex: String = rk.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,

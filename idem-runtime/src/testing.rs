@@ -9,7 +9,7 @@ use crate::{
     fingerprint::Fingerprint,
     key::IdempotencyKey,
     record::OwnerToken,
-    scope::{RecordKey, ScopeId},
+    scope::RecordKey,
     store::{
         memory::MemoryStore,
         redis::{scripts, KeyFormat},
@@ -25,7 +25,7 @@ use crate::{
 /// When `key` is not a valid idempotency key.
 pub fn record_key(scope: &str, key: &str) -> RecordKey {
     let key = IdempotencyKey::parse(key.as_bytes()).expect("a valid idempotency key");
-    RecordKey::new(&ScopeId::new(scope), &key)
+    RecordKey::new(scope, &key)
 }
 
 /// The fingerprint of a request.
@@ -73,4 +73,19 @@ pub fn script_command(name: &str, key: &[u8], args: &[&[u8]]) -> Option<redis::C
 /// The time to live of every live record of a memory store.
 pub fn memory_ttls(store: &MemoryStore) -> Vec<Duration> {
     store.ttls()
+}
+
+/// Makes a Redis store claim with the Lua script, as it does on a server older than Redis 7.0.
+pub fn claim_with_lua(store: &RedisStore) {
+    store.claim_with_lua();
+}
+
+/// Makes a Redis Cluster store claim with the Lua script, as on masters older than Redis 7.0.
+pub fn cluster_claim_with_lua(store: &RedisClusterStore) {
+    store.claim_with_lua();
+}
+
+/// The native claim the Redis stores send: `SET <key> <pending> NX GET PX <lease_ms>`.
+pub fn claim_command(key: &[u8], pending: &[u8], lease_ms: u64) -> redis::Cmd {
+    scripts::native_claim(key, pending, Duration::from_millis(lease_ms))
 }

@@ -10,7 +10,10 @@
 
 use std::{
     collections::{hash_map::Entry, HashMap},
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError, Weak,
+    },
     time::Duration,
 };
 
@@ -28,6 +31,9 @@ type GroupKey = (RecordKey, Fingerprint);
 #[derive(Default)]
 pub(crate) struct Waiters {
     groups: Mutex<HashMap<GroupKey, Weak<Group>>>,
+    /// How many groups the map holds: every executed request tells the waiters it settled, and
+    /// with nobody waiting (the usual case) that costs one atomic load, not a lock and a lookup.
+    live: AtomicUsize,
 }
 
 /// The waiters of one record (and fingerprint).
@@ -68,6 +74,7 @@ impl Waiters {
             Entry::Vacant(e) => {
                 let group = Arc::new(Group::default());
                 e.insert(Arc::downgrade(&group));
+                self.live.fetch_add(1, Ordering::Relaxed);
                 group
             }
         };
@@ -81,6 +88,9 @@ impl Waiters {
     /// The record settled in this process (completed or released): wake its waiters, and forget
     /// the answer they shared, so that the next one asks the store.
     pub(crate) fn settled(&self, key: RecordKey, fingerprint: Fingerprint) {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let group = self
             .groups()
             .get(&(key, fingerprint))
@@ -137,6 +147,7 @@ impl Drop for Membership<'_> {
             if let Entry::Occupied(e) = groups.entry(self.key) {
                 if Weak::ptr_eq(e.get(), &Arc::downgrade(&self.group)) {
                     e.remove();
+                    self.waiters.live.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }

@@ -98,7 +98,14 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_until_ok();
-        let topology = cluster.topology();
+        // `cluster_state:ok` can come before every replica has taken its master (a loaded
+        // machine): wait, bounded, until the topology is the one asked for.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut topology = cluster.topology();
+        while topology.iter().filter(|n| n.master).count() != masters && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            topology = cluster.topology();
+        }
         let live_masters = topology.iter().filter(|n| n.master).count();
         assert_eq!(live_masters, masters, "{topology:#?}");
         cluster

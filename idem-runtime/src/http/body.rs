@@ -1,10 +1,13 @@
-//! Bodies: the request body read once (fingerprinted as it arrives, within a limit) and the
-//! response body collected for storage (within a limit, or streamed on unstored).
+//! Bodies: the request body read once (fingerprinted as it arrives, within a limit) and handed
+//! on to the handler's extractors in bounded chunks, and the response body collected for storage
+//! (within a limit, or streamed on unstored).
 
 use std::{future::poll_fn, pin::Pin};
 
 use actix_web::{
     body::{BodySize, BodyStream, BoxBody, MessageBody},
+    dev::Payload,
+    error::PayloadError,
     web,
 };
 use bytes::{Bytes, BytesMut};
@@ -47,6 +50,32 @@ pub(crate) async fn read_request(
     } else {
         rest.freeze()
     })
+}
+
+/// The size of the chunks [`payload_of`] hands the body on in. actix-http's `Decoder` inflates a
+/// compressed body one input chunk at a time, the whole chunk at once (in place below 2049 bytes,
+/// on a blocking thread above), and the extractors' limits (`web::Json`'s 2 MiB, `web::Bytes`'s
+/// 256 KiB) only see what it hands them. 2 KiB stays in place, and at deflate's largest ratio
+/// (about 1032:1) inflates to at most about 2 MiB before an extractor can refuse it: the same
+/// order as plain actix-web, whose HTTP/1 reads arrive in chunks of a few KiB.
+pub(crate) const PAYLOAD_CHUNK: usize = 2048;
+
+/// The payload the handler's own extractors read: the body read by [`read_request`], as a stream
+/// of zero-copy slices of at most [`PAYLOAD_CHUNK`] bytes. One chunk of the whole body would be
+/// inflated whole (a 1 MiB gzip body can hold 1 GiB) before any extractor limit applies.
+pub(crate) fn payload_of(body: Bytes) -> Payload {
+    if body.len() <= PAYLOAD_CHUNK {
+        // Already one bounded chunk: no stream to box.
+        return Payload::from(body);
+    }
+    let chunks = body.len().div_ceil(PAYLOAD_CHUNK);
+    let slices = stream::iter((0..chunks).map(move |i| {
+        let start = i * PAYLOAD_CHUNK;
+        Ok::<_, PayloadError>(body.slice(start..body.len().min(start + PAYLOAD_CHUNK)))
+    }));
+    Payload::Stream {
+        payload: Box::pin(slices),
+    }
 }
 
 /// A response body, read for storage.
@@ -122,6 +151,32 @@ mod tests {
         let parts: Vec<Result<Bytes, std::io::Error>> =
             parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
         BoxBody::new(BodyStream::new(stream::iter(parts)))
+    }
+
+    #[actix_rt::test]
+    async fn the_payload_is_the_body_in_bounded_zero_copy_chunks() {
+        let body = Bytes::from(vec![7u8; 2 * PAYLOAD_CHUNK + 5]);
+        let Payload::Stream { payload } = payload_of(body.clone()) else {
+            panic!("expected a stream payload");
+        };
+        let chunks: Vec<Bytes> = payload.map(|c| c.expect("chunk")).collect().await;
+        let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [PAYLOAD_CHUNK, PAYLOAD_CHUNK, 5]);
+        assert_eq!(chunks.concat(), body);
+        assert_eq!(
+            chunks[1].as_ptr(),
+            body[PAYLOAD_CHUNK..].as_ptr(),
+            "a slice, not a copy"
+        );
+        // A body of one chunk at most is handed on as it is, with no stream to box.
+        for small in [Bytes::new(), Bytes::from(vec![7u8; PAYLOAD_CHUNK])] {
+            let chunks: Vec<Bytes> = payload_of(small.clone())
+                .map(|c| c.expect("chunk"))
+                .collect()
+                .await;
+            assert!(chunks.iter().all(|c| c.len() <= PAYLOAD_CHUNK));
+            assert_eq!(chunks.concat(), small);
+        }
     }
 
     #[actix_rt::test]

@@ -32,7 +32,7 @@ mod body;
 mod run_to_end;
 
 use self::{
-    body::{collect_response, read_request, unstored, Collected},
+    body::{collect_response, payload_of, read_request, unstored, Collected},
     run_to_end::RunToEnd,
 };
 
@@ -228,8 +228,10 @@ where
     };
 
     // 2. Scope.
-    let scope = match S::from_request(&req, &mut Payload::None).await {
-        Ok(scope) => ScopeId::new(scope.scope_id()),
+    // The record's address, from the caller and the key: the key borrows the request's header
+    // and the scope its extractor, neither copied.
+    let address = match S::from_request(&req, &mut Payload::None).await {
+        Ok(scope) => RecordKey::new(&scope.scope_id(), &key),
         Err(err) => {
             record(spec.handler, Outcome::ScopeRefused);
             return extractor_error(err);
@@ -247,7 +249,7 @@ where
         record(spec.handler, Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
-    let mut hasher = FingerprintHasher::new(req.method().as_str(), req.path(), req.query_string());
+    let mut hasher = fingerprint_head(&req);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
@@ -262,7 +264,7 @@ where
             return problem.to_response();
         }
     };
-    let ticket = Ticket::new(RecordKey::new(&scope, &key), hasher.finish());
+    let ticket = Ticket::new(address, hasher.finish());
 
     // 4. Claim.
     match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
@@ -283,7 +285,7 @@ where
         Err(err) if spec.fail_open => {
             record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
-            return run(req, Payload::from(body)).await;
+            return run(req, payload_of(body)).await;
         }
         Err(err) => {
             record(spec.handler, Outcome::StoreError);
@@ -297,19 +299,22 @@ where
 
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
-    // finishes, so a retry finds the result (see `RunToEnd`).
+    // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     // Until it settles: the span of a handler still running (or that never returns) says so.
     Span::current().record("outcome", Outcome::Executed.as_str());
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
+    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
+    let running = crate::shutdown::Running::start();
     let started = tokio::time::Instant::now();
     let execute = async move {
+        let _running = running;
         let resp = execute(
             spec.handler,
             owned,
             max_response,
-            run(req, Payload::from(body)),
+            run(req, payload_of(body)),
         )
         .await;
         spec.timing.record(started.elapsed());
@@ -321,6 +326,53 @@ where
         Err(_) => {
             tracing::error!("the idempotent lifecycle panicked after the handler ran");
             HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+/// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the
+/// path as the router matched it, so that `/pay%6Dents` and `/payments`, which reach the same
+/// handler with the same path parameters, are the same request. actix-web decodes lossily: when
+/// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
+/// different raw paths never meet in one replacement character.
+fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
+    let routed = req.match_info().as_str();
+    let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
+        req.path()
+    } else {
+        routed
+    };
+    // A header's lines, without a `Vec` for the usual zero or one line.
+    let lines = |name| {
+        let mut all = req.headers().get_all(name).map(HeaderValue::as_bytes);
+        match (all.next(), all.next()) {
+            (None, _) => Lines::None,
+            (Some(one), None) => Lines::One([one]),
+            (Some(one), Some(two)) => Lines::Many([one, two].into_iter().chain(all).collect()),
+        }
+    };
+    FingerprintHasher::new(
+        req.method().as_str(),
+        path,
+        req.query_string(),
+        lines(header::CONTENT_TYPE).as_slice(),
+        lines(header::CONTENT_ENCODING).as_slice(),
+    )
+}
+
+/// The lines of one request header.
+enum Lines<'a> {
+    None,
+    One([&'a [u8]; 1]),
+    Many(Vec<&'a [u8]>),
+}
+
+impl<'a> Lines<'a> {
+    fn as_slice(&self) -> &[&'a [u8]] {
+        match self {
+            Self::None => &[],
+            Self::One(one) => one,
+            Self::Many(many) => many,
         }
     }
 }

@@ -2,15 +2,21 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, MutexGuard, PoisonError},
+    mem::size_of,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
     time::Duration,
 };
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
+    config::Idempotency,
     protocol::{classify, Claim},
     record::{Record, StoredResponse},
     scope::RecordKey,
@@ -20,14 +26,35 @@ const SHARDS: usize = 32;
 /// A shard sweeps its expired records once every this many inserts, so memory stays bounded by
 /// the live records without a background task.
 const SWEEP_EVERY: u32 = 1024;
+/// A full store sweeps every shard for expired records at most this often: a flood of new keys
+/// against a full store costs one sweep per interval, not one per request.
+const FULL_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// What a record costs besides its response: its slot in the map (the key and the entry, with
+/// the fingerprint and owner token inline) and the map's control byte.
+const SLOT: usize = size_of::<(RecordKey, Entry)>() + 1;
 
-/// An in-process store with expiring records.
+/// An in-process store with expiring records, within a capacity in bytes.
 ///
 /// Records live in this process only: two app instances do not share them, and a restart forgets
 /// them. Use [`RedisStore`](crate::RedisStore) for anything that runs more than one process.
+///
+/// **Capacity.** The store counts what each record costs (its map slot with key, fingerprint and
+/// owner token, and for a completed record the response's body and headers) against a capacity,
+/// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) unless set with
+/// [`with_capacity`](Self::with_capacity). When a new claim does not fit, even after expired
+/// records are swept, it fails with [`StoreError::Full`]: the request gets 503 with `Retry-After`
+/// and its handler does not run (unless it fails open). A live record is never evicted early, so
+/// every stored response stays replayable for its ttl. The completion of a request already
+/// claimed always succeeds, so memory can exceed the capacity by the responses of the requests in
+/// flight when it filled (each at most `max_response`).
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
+    capacity: usize,
+    /// The bytes the records hold, by the count above.
+    used: AtomicUsize,
+    /// When a full store last swept every shard.
+    last_full_sweep: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +67,8 @@ struct Shard {
 struct Entry {
     record: Record,
     expires_at: Instant,
+    /// What this record counts against the capacity.
+    cost: usize,
 }
 
 impl Default for MemoryStore {
@@ -49,10 +78,23 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// The capacity of [`new`](Self::new): 256 MiB.
+    pub const DEFAULT_CAPACITY: usize = 256 * 1024 * 1024;
+
+    /// An empty store with the [default capacity](Self::DEFAULT_CAPACITY).
     pub fn new() -> Self {
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
+    }
+
+    /// An empty store that holds records worth at most `bytes` (see "Capacity" above): a pending
+    /// record costs about 150 bytes, a completed one that plus its response's body and headers.
+    /// A new claim that does not fit fails with [`StoreError::Full`] (503).
+    pub fn with_capacity(bytes: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            capacity: bytes,
+            used: AtomicUsize::new(0),
+            last_full_sweep: Mutex::new(None),
         }
     }
 
@@ -105,31 +147,152 @@ impl MemoryStore {
         lock(&self.shards[i])
     }
 
-    /// Runs `f` on the live record owned by `ticket`, if it is still owned.
-    fn with_owned(
-        &self,
-        ticket: &Ticket,
-        f: impl FnOnce(&mut HashMap<RecordKey, Entry>, Instant),
-    ) -> Ownership {
+    /// Counts `cost` more bytes if they fit in the capacity.
+    fn reserve(&self, cost: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(cost).filter(|&n| n <= self.capacity)
+            })
+            .is_ok()
+    }
+
+    /// Counts `cost` more bytes, whether or not they fit.
+    fn charge(&self, cost: usize) {
+        self.used.fetch_add(cost, Ordering::AcqRel);
+    }
+
+    /// Counts `cost` fewer bytes.
+    fn refund(&self, cost: usize) {
+        self.used.fetch_sub(cost, Ordering::AcqRel);
+    }
+
+    /// Drops the expired records of one shard.
+    fn sweep(&self, shard: &mut Shard, now: Instant) {
+        let mut freed = 0;
+        shard.records.retain(|_, e| {
+            let live = e.expires_at > now;
+            if !live {
+                freed += e.cost;
+            }
+            live
+        });
+        self.refund(freed);
+    }
+
+    /// Sweeps every shard, unless another sweep ran within [`FULL_SWEEP_INTERVAL`] or is running.
+    /// Called with no shard locked.
+    fn sweep_all_if_due(&self) {
+        let Ok(mut last) = self.last_full_sweep.try_lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|at| now.saturating_duration_since(at) < FULL_SWEEP_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        for shard in &*self.shards {
+            self.sweep(&mut lock(shard), now);
+        }
+    }
+
+    /// One attempt at a claim; `None` when a new record does not fit.
+    fn try_claim(&self, ticket: &Ticket, lease: Duration) -> Option<Claim> {
         let now = Instant::now();
         let mut shard = self.shard(ticket.key());
-        let owned = matches!(
-            shard.records.get(ticket.key()),
-            Some(Entry { record: Record::Pending { fingerprint, token }, expires_at })
-                if *expires_at > now && fingerprint == ticket.fingerprint() && token == ticket.token()
+        if let Some(entry) = shard.records.get(ticket.key()) {
+            if entry.expires_at > now {
+                return Some(classify(
+                    entry.record.clone(),
+                    ticket,
+                    entry.expires_at - now,
+                ));
+            }
+        }
+        if !self.reserve(SLOT) {
+            return None;
+        }
+        let old = shard.records.insert(
+            *ticket.key(),
+            Entry {
+                record: Record::Pending {
+                    fingerprint: *ticket.fingerprint(),
+                    token: *ticket.token(),
+                },
+                expires_at: expiry(now, lease),
+                cost: SLOT,
+            },
         );
-        if owned {
-            f(&mut shard.records, now);
-            Ownership::Held
-        } else {
-            Ownership::Lost
+        if let Some(old) = old {
+            self.refund(old.cost);
+        }
+        shard.inserts = shard.inserts.wrapping_add(1);
+        if shard.inserts.is_multiple_of(SWEEP_EVERY) {
+            self.sweep(&mut shard, now);
+        }
+        Some(Claim::Acquired)
+    }
+
+    /// Runs `f` on the live record owned by `ticket`, if it is still owned.
+    fn with_owned(&self, ticket: &Ticket, f: impl FnOnce(&mut Entry, Instant)) -> Ownership {
+        let now = Instant::now();
+        let mut shard = self.shard(ticket.key());
+        match shard.records.get_mut(ticket.key()) {
+            Some(entry) if owns(entry, ticket, now) => {
+                f(entry, now);
+                Ownership::Held
+            }
+            _ => Ownership::Lost,
         }
     }
 }
 
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+/// Whether `entry` is the live pending record of `ticket`.
+fn owns(entry: &Entry, ticket: &Ticket, now: Instant) -> bool {
+    entry.expires_at > now
+        && matches!(
+            &entry.record,
+            Record::Pending { fingerprint, token }
+                if fingerprint == ticket.fingerprint() && token == ticket.token()
+        )
+}
+
+/// What a completed record with `response` counts against the capacity.
+fn completed_cost(response: &StoredResponse) -> usize {
+    let headers: usize = response
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            size_of::<(HeaderName, HeaderValue)>() + name.as_str().len() + value.len()
+        })
+        .sum();
+    SLOT + headers + response.body.len()
+}
+
+/// When a record written at `now` for `d` expires. A custom caller of the [`Store`] trait may pass
+/// any duration: longer than [`Idempotency::MAX_TTL`] is clamped to it (the `Idempotency` setters
+/// and the attribute refuse more), so a huge duration neither overflows nor fails.
+fn expiry(now: Instant, d: Duration) -> Instant {
+    let d = d.min(Idempotency::MAX_TTL);
+    // 365 days past now is representable on every platform; should it not be, the latest
+    // representable instant is the closest to what was asked.
+    now.checked_add(d).unwrap_or_else(|| far_future(now, d))
+}
+
+fn far_future(now: Instant, d: Duration) -> Instant {
+    let mut step = d;
+    let mut at = now;
+    while !step.is_zero() {
+        match at.checked_add(step) {
+            Some(later) => at = later,
+            None => step /= 2,
+        }
+    }
+    at
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves a consistent map (every mutation is a single insert or
-    // remove), so a poisoned lock is safe to keep using.
+    // remove, and the count is adjusted next to it), so a poisoned lock is safe to keep using.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -140,39 +303,19 @@ impl Store for MemoryStore {
     }
 
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        let now = Instant::now();
-        let mut shard = self.shard(ticket.key());
-        if let Some(entry) = shard.records.get(ticket.key()) {
-            if entry.expires_at > now {
-                return Ok(classify(
-                    entry.record.clone(),
-                    ticket,
-                    entry.expires_at - now,
-                ));
-            }
+        if let Some(claim) = self.try_claim(ticket, lease) {
+            return Ok(claim);
         }
-        shard.records.insert(
-            *ticket.key(),
-            Entry {
-                record: Record::Pending {
-                    fingerprint: *ticket.fingerprint(),
-                    token: *ticket.token(),
-                },
-                expires_at: now + lease,
-            },
-        );
-        shard.inserts = shard.inserts.wrapping_add(1);
-        if shard.inserts.is_multiple_of(SWEEP_EVERY) {
-            shard.records.retain(|_, e| e.expires_at > now);
-        }
-        Ok(Claim::Acquired)
+        // Full: drop what has expired everywhere (no shard is locked here), then try once more.
+        self.sweep_all_if_due();
+        self.try_claim(ticket, lease).ok_or(StoreError::Full {
+            capacity: self.capacity,
+        })
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
-        Ok(self.with_owned(ticket, |records, now| {
-            if let Some(e) = records.get_mut(ticket.key()) {
-                e.expires_at = now + lease;
-            }
+        Ok(self.with_owned(ticket, |entry, now| {
+            entry.expires_at = expiry(now, lease);
         }))
     }
 
@@ -182,23 +325,245 @@ impl Store for MemoryStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
-        Ok(self.with_owned(ticket, |records, now| {
-            records.insert(
-                *ticket.key(),
-                Entry {
-                    record: Record::Completed {
-                        fingerprint: *ticket.fingerprint(),
-                        response: response.clone(),
-                    },
-                    expires_at: now + ttl,
+        // A claimed request always completes, even past the capacity: refusing it would turn a
+        // response already sent into a retry that runs the handler again.
+        Ok(self.with_owned(ticket, |entry, now| {
+            let cost = completed_cost(response);
+            self.charge(cost);
+            self.refund(entry.cost);
+            *entry = Entry {
+                record: Record::Completed {
+                    fingerprint: *ticket.fingerprint(),
+                    response: response.clone(),
                 },
-            );
+                expires_at: expiry(now, ttl),
+                cost,
+            };
         }))
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
-        Ok(self.with_owned(ticket, |records, _| {
-            records.remove(ticket.key());
-        }))
+        let now = Instant::now();
+        let mut shard = self.shard(ticket.key());
+        if !shard
+            .records
+            .get(ticket.key())
+            .is_some_and(|e| owns(e, ticket, now))
+        {
+            return Ok(Ownership::Lost);
+        }
+        if let Some(removed) = shard.records.remove(ticket.key()) {
+            self.refund(removed.cost);
+        }
+        Ok(Ownership::Held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+
+    fn ticket(key: u8) -> Ticket {
+        Ticket::new(
+            RecordKey::from_bytes([key; 32]),
+            Fingerprint::compute("POST", "/p", "", b"{}"),
+        )
+    }
+
+    fn response(body: &[u8]) -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    fn longest_expiry(store: &MemoryStore) -> Duration {
+        let now = Instant::now();
+        store
+            .shards
+            .iter()
+            .flat_map(|s| {
+                lock(s)
+                    .records
+                    .values()
+                    .map(|e| e.expires_at.saturating_duration_since(now))
+                    .collect::<Vec<_>>()
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_huge_duration_is_clamped_to_the_longest_ttl() {
+        let store = MemoryStore::new();
+        let t = ticket(1);
+        assert_eq!(
+            store.claim(&t, Duration::MAX).await.expect("claims"),
+            Claim::Acquired
+        );
+        assert!(longest_expiry(&store) <= Idempotency::MAX_TTL);
+        assert_eq!(
+            store.renew(&t, Duration::MAX).await.expect("renews"),
+            Ownership::Held
+        );
+        assert_eq!(
+            store
+                .complete(&t, &response(b"paid"), Duration::MAX)
+                .await
+                .expect("completes"),
+            Ownership::Held
+        );
+        let kept = longest_expiry(&store);
+        assert!(kept <= Idempotency::MAX_TTL, "{kept:?}");
+        assert!(
+            kept > Idempotency::MAX_TTL - Duration::from_secs(60),
+            "{kept:?}"
+        );
+        assert_eq!(
+            store.claim(&t, Duration::MAX).await.expect("claims"),
+            Claim::Replay(response(b"paid"))
+        );
+    }
+
+    fn used(store: &MemoryStore) -> usize {
+        store.used.load(Ordering::Acquire)
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_claims_and_keeps_every_live_record() {
+        let store = MemoryStore::with_capacity(3 * SLOT);
+        let lease = Duration::from_secs(30);
+        let owners: Vec<Ticket> = (1..=3).map(ticket).collect();
+        for owner in &owners {
+            assert_eq!(
+                store.claim(owner, lease).await.expect("claims"),
+                Claim::Acquired
+            );
+        }
+        assert_eq!(used(&store), 3 * SLOT);
+        let refused = store.claim(&ticket(4), lease).await;
+        assert!(
+            matches!(refused, Err(StoreError::Full { capacity }) if capacity == 3 * SLOT),
+            "{refused:?}"
+        );
+        assert!(refused
+            .expect_err("full")
+            .to_string()
+            .contains(&format!("capacity {} bytes", 3 * SLOT)));
+        // A claimed request completes even past the capacity, and is replayed.
+        let big = response(&[b'x'; 1000]);
+        let t1 = &owners[0];
+        assert_eq!(
+            store
+                .complete(t1, &big, Duration::from_secs(60))
+                .await
+                .expect("completes"),
+            Ownership::Held
+        );
+        assert_eq!(used(&store), completed_cost(&big) + 2 * SLOT);
+        assert!(used(&store) > 3 * SLOT);
+        assert_eq!(
+            store.claim(t1, lease).await.expect("claims"),
+            Claim::Replay(big)
+        );
+        // Records in flight stay in flight and keep their lease: nothing was evicted.
+        assert!(matches!(
+            store.claim(&ticket(2), lease).await,
+            Ok(Claim::InFlight { .. })
+        ));
+        assert_eq!(
+            store.renew(&owners[1], lease).await.expect("renews"),
+            Ownership::Held
+        );
+        assert!(matches!(
+            store.claim(&ticket(5), lease).await,
+            Err(StoreError::Full { .. })
+        ));
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_release_makes_room() {
+        let store = MemoryStore::with_capacity(SLOT);
+        let lease = Duration::from_secs(30);
+        let t1 = ticket(1);
+        assert_eq!(
+            store.claim(&t1, lease).await.expect("claims"),
+            Claim::Acquired
+        );
+        assert!(store.claim(&ticket(2), lease).await.is_err());
+        assert_eq!(store.release(&t1).await.expect("releases"), Ownership::Held);
+        assert_eq!(used(&store), 0);
+        assert_eq!(
+            store.claim(&ticket(2), lease).await.expect("claims"),
+            Claim::Acquired
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_make_room_again() {
+        // Room for two pending records, or one pending and one small completed one.
+        let store = MemoryStore::with_capacity(2 * SLOT + 100);
+        let (t1, t2) = (ticket(1), ticket(2));
+        assert_eq!(
+            store
+                .claim(&t1, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        assert_eq!(
+            store
+                .claim(&t2, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        assert_eq!(
+            store
+                .complete(&t2, &response(b"paid"), Duration::from_secs(5))
+                .await
+                .expect("completes"),
+            Ownership::Held
+        );
+        assert!(store
+            .claim(&ticket(3), Duration::from_secs(1))
+            .await
+            .is_err());
+        // The pending record's lease runs out: its room is taken back, the completed one stays.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            store
+                .claim(&ticket(3), Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        assert_eq!(used(&store), SLOT + completed_cost(&response(b"paid")));
+        assert_eq!(
+            store
+                .claim(&t2, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Replay(response(b"paid"))
+        );
+        // Everything expires: the store is empty and its count back to zero.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            store
+                .claim(&ticket(4), Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.sweep_all_if_due();
+        assert_eq!(used(&store), 0);
+        assert!(store.is_empty());
     }
 }

@@ -8,12 +8,11 @@
 use std::{fmt, time::Duration};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::{
     fingerprint::Fingerprint,
     protocol::Claim,
-    record::{encode_pending, DecodeError, EncodeError, OwnerToken, StoredResponse},
+    record::{pending_bytes, DecodeError, EncodeError, OwnerToken, StoredResponse, PENDING_LEN},
     scope::RecordKey,
 };
 
@@ -29,7 +28,7 @@ pub struct Ticket {
     key: RecordKey,
     fingerprint: Fingerprint,
     token: OwnerToken,
-    pending: Bytes,
+    pending: [u8; PENDING_LEN],
 }
 
 impl Ticket {
@@ -40,7 +39,7 @@ impl Ticket {
 
     /// A ticket with a given owner token (tests use it to play a stale owner).
     pub(crate) fn with_token(key: RecordKey, fingerprint: Fingerprint, token: OwnerToken) -> Self {
-        let pending = encode_pending(&fingerprint, &token);
+        let pending = pending_bytes(&fingerprint, &token);
         Self {
             key,
             fingerprint,
@@ -66,7 +65,7 @@ impl Ticket {
 
     /// The encoded pending record this ticket writes; the store compares against it to fence
     /// renew, complete and release.
-    pub fn pending_record(&self) -> &Bytes {
+    pub fn pending_record(&self) -> &[u8] {
         &self.pending
     }
 }
@@ -107,6 +106,19 @@ pub enum StoreError {
     /// The response cannot be encoded for storage.
     #[error("the response cannot be stored: {0}")]
     Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store holds as many records as its capacity allows ([`MemoryStore::with_capacity`],
+    /// in bytes), even after dropping the expired ones: a new claim is refused (503 with
+    /// `Retry-After`) rather than evicting a live record early, which would break its replays.
+    ///
+    /// [`MemoryStore::with_capacity`]: crate::MemoryStore::with_capacity
+    #[error(
+        "the idempotency store is full (capacity {capacity} bytes): no new request can be \
+         claimed until records expire"
+    )]
+    Full {
+        /// The capacity, in bytes.
+        capacity: usize,
+    },
     /// The store answered something the protocol does not allow.
     #[error("the idempotency store answered unexpectedly: {0}")]
     Protocol(String),

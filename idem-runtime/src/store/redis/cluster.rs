@@ -50,8 +50,12 @@ use deadpool_redis::{
 };
 
 use super::{
+    eviction::EvictionCheck,
     lanes::Lanes,
-    scripts::{millis, parse_claim, parse_ownership, Arg, Lua, Scripts},
+    scripts::{
+        millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
+        refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
+    },
     KeyFormat, Options,
 };
 use crate::{
@@ -74,6 +78,7 @@ struct Inner {
     timeout: Duration,
     wait: Option<WaitForReplicas>,
     scripts: Scripts,
+    claim_mode: ClaimMode,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -186,15 +191,33 @@ impl RedisClusterStoreBuilder {
         self
     }
 
-    /// Builds the store. No connection is made until the first call.
+    /// Serves even when a master's `maxmemory-policy` can evict keys. **A risk**: a full master
+    /// then evicts idempotency records (in-flight ones first, as they have the shortest TTL), and
+    /// a retry of an evicted request runs the handler a second time.
+    ///
+    /// Without it, the store reads the policy of every master the first time it connects and,
+    /// unless every one is `noeviction`, refuses to serve: every call fails with
+    /// [`StoreError::Unavailable`] wrapping [`EvictionRisk`](crate::EvictionRisk), and requests
+    /// get 503. A master that does not let the store read its configuration (a managed service,
+    /// an ACL that denies `CONFIG`) is served, with one warning.
+    #[must_use]
+    pub fn allow_eviction(mut self) -> Self {
+        self.options.allow_eviction = true;
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call (or
+    /// [`RedisClusterStore::check`]).
     pub fn build(self) -> RedisClusterStore {
+        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisClusterStoreBuilder");
         RedisClusterStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::new(self.pool, self.options.lanes),
+                lanes: Lanes::new(self.pool, self.options.lanes, eviction),
                 keys: self.options.keys,
                 timeout: self.options.timeout,
                 wait: self.wait,
                 scripts: Scripts::new(),
+                claim_mode: ClaimMode::native(),
             }),
         }
     }
@@ -233,6 +256,28 @@ impl RedisClusterStore {
         self.inner.lanes.pool()
     }
 
+    /// Connects and checks that the store can serve: the cluster answers, and no master's
+    /// `maxmemory-policy` can evict records (see [`RedisClusterStoreBuilder::allow_eviction`]).
+    /// Call it at start, so that a misconfigured cluster stops the app with the fix rather than
+    /// failing its requests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the cluster cannot be reached or a master's policy can
+    /// evict records (wrapping [`EvictionRisk`](crate::EvictionRisk), whose message names the
+    /// fix); [`StoreError::Timeout`] when it does not answer within the store timeout.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                redis::cmd("PING")
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            })
+            .await
+    }
+
     /// Runs `lua` on the master of `key`'s slot, pipelined with `WAIT` when `wait` is set.
     /// Answers the script's value and the number of replicas `WAIT` counted.
     async fn eval(
@@ -247,13 +292,13 @@ impl RedisClusterStore {
             let route = Route::with_key(key, SlotAddr::Master);
             (lua.evalsha(key, args), lua.eval(key, args), route)
         });
-        let route = SingleNodeRoutingInfo::SpecificNode(route);
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
         let (evalsha, eval) = (&evalsha, &eval);
         let mut values = self
             .inner
             .lanes
             .run(timeout, |mut conn| async move {
-                let values = send(&mut conn, evalsha, wait, &route).await?;
+                let values = send(&mut conn, evalsha, wait, route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
                 }
@@ -264,11 +309,11 @@ impl RedisClusterStore {
                     // promoted master has none yet): the write cannot be confirmed now, so do
                     // not wait a second time; report that count.
                     (Some(w), Some(&Value::Int(acked))) if acked < i64::from(w.replicas) => {
-                        let mut values = send(&mut conn, eval, None, &route).await?;
+                        let mut values = send(&mut conn, eval, None, route).await?;
                         values.push(Value::Int(acked));
                         Ok(values)
                     }
-                    _ => send(&mut conn, eval, wait, &route).await,
+                    _ => send(&mut conn, eval, wait, route).await,
                 }
             })
             .await?
@@ -279,6 +324,51 @@ impl RedisClusterStore {
             .extract_error()
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
         Ok((script, values.next()))
+    }
+
+    /// The native claim (`SET ... NX GET`) on the master of the record's slot, pipelined with
+    /// `WAIT` when `wait` is set. `None` when a master refused the syntax (older than Redis 7.0).
+    async fn claim_natively(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+        wait: Option<WaitForReplicas>,
+    ) -> Result<Option<(Value, Option<Value>)>, StoreError> {
+        let timeout = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w.timeout);
+        let (cmd, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            let cmd = native_claim(key, ticket.pending_record(), lease);
+            (cmd, Route::with_key(key, SlotAddr::Master))
+        });
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
+        let cmd = &cmd;
+        let values = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                match send(&mut conn, cmd, wait, route).await {
+                    Err(e) if refuses_native_claim(&e) => Ok(None),
+                    answer => answer.map(Some),
+                }
+            })
+            .await?;
+        let Some(values) = values else {
+            return Ok(None);
+        };
+        let mut values = values.into_iter();
+        let first = values
+            .next()
+            .ok_or_else(|| StoreError::Protocol("the cluster answered nothing".into()))?;
+        match first.extract_error() {
+            Ok(value) => Ok(Some((value, values.next()))),
+            Err(e) if refuses_native_claim(&e) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(Box::new(e))),
+        }
+    }
+
+    /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_with_lua(&self) {
+        self.inner.claim_mode.fall_back();
     }
 
     /// Whether `WAIT` counted enough replicas (always, without `wait_for_replicas`).
@@ -384,11 +474,26 @@ impl Store for RedisClusterStore {
         // The cluster client re-sends a command whose connection broke before the answer came (a
         // master failing over, a reconnect): the second attempt can find the pending record the
         // first one wrote, and `parse_claim` recognises it as this request's own claim.
-        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let (value, acked) = self
-            .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
-            .await?;
-        let claim = parse_claim(value, ticket)?;
+        let native = if self.inner.claim_mode.is_native() {
+            let answer = self.claim_natively(ticket, lease, self.inner.wait).await?;
+            if answer.is_none() {
+                self.inner.claim_mode.fall_back();
+            }
+            answer
+        } else {
+            None
+        };
+        let claim = match native {
+            Some((value, acked)) => (parse_native_claim(value, ticket, lease)?, acked),
+            None => {
+                let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+                let (value, acked) = self
+                    .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
+                    .await?;
+                (parse_claim(value, ticket)?, acked)
+            }
+        };
+        let (claim, acked) = claim;
         if claim == Claim::Acquired {
             if let Err(err) = self.replicated(acked) {
                 // The handler will not run: free the key rather than leave retries in flight until

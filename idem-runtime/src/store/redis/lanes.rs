@@ -15,7 +15,10 @@ use deadpool_redis::{
     Pool,
 };
 
-use super::scripts::is_connection_error;
+use super::{
+    eviction::{EvictionCheck, Policies},
+    scripts::{is_broken_connection, is_connection_error},
+};
 use crate::store::StoreError;
 
 /// A deadpool pool of multiplexed connections: one checked-out connection serves any number of
@@ -39,12 +42,18 @@ pub(crate) trait MultiplexedPool: Send + Sync + 'static {
     /// Takes a broken connection out of the pool for good, so it makes a new one instead of
     /// recycling it.
     fn detach(object: Self::Object);
+
+    /// The `maxmemory-policy` of every server the connection writes records to.
+    fn policies(
+        conn: Self::Conn,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Policies, redis::RedisError>> + Send;
 }
 
 /// The two deadpool pools have the same API but no common trait: one implementation, written
 /// once, for both.
 macro_rules! multiplexed_pool {
-    ($pool:ty, $conn:ty, $object:ty) => {
+    ($pool:ty, $conn:ty, $object:ty, $policies:path) => {
         impl MultiplexedPool for $pool {
             type Conn = $conn;
             type Object = $object;
@@ -66,15 +75,28 @@ macro_rules! multiplexed_pool {
             fn detach(object: Self::Object) {
                 drop(<$object>::take(object));
             }
+
+            fn policies(
+                conn: Self::Conn,
+                timeout: Duration,
+            ) -> impl Future<Output = Result<Policies, redis::RedisError>> + Send {
+                $policies(conn, timeout)
+            }
         }
     };
 }
 
-multiplexed_pool!(Pool, MultiplexedConnection, deadpool_redis::Connection);
+multiplexed_pool!(
+    Pool,
+    MultiplexedConnection,
+    deadpool_redis::Connection,
+    super::eviction::single_policies
+);
 multiplexed_pool!(
     deadpool_redis::cluster::Pool,
     ClusterConnection,
-    deadpool_redis::cluster::Connection
+    deadpool_redis::cluster::Connection,
+    super::eviction::cluster_policies
 );
 
 /// A few connections checked out of a pool once and kept, each serving the calls that pick it (in
@@ -86,6 +108,7 @@ pub(crate) struct Lanes<P: MultiplexedPool> {
     lanes: Box<[Slot<P>]>,
     pick: Pick,
     generation: AtomicU64,
+    eviction: EvictionCheck,
 }
 
 /// How a call picks its lane.
@@ -114,18 +137,18 @@ struct Lane<P: MultiplexedPool> {
 impl<P: MultiplexedPool> Lanes<P> {
     /// `lanes` connections at most, clamped to 1..=the pool's size, taken in turn by successive
     /// calls.
-    pub(crate) fn new(pool: P, lanes: usize) -> Self {
-        Self::with_pick(pool, lanes, Pick::RoundRobin(AtomicUsize::new(0)))
+    pub(crate) fn new(pool: P, lanes: usize, eviction: EvictionCheck) -> Self {
+        Self::with_pick(pool, lanes, Pick::RoundRobin(AtomicUsize::new(0)), eviction)
     }
 
     /// `lanes` connections at most, clamped to 1..=the pool's size, each taken by the threads that
     /// map to it (see [`thread_lane`]): with as many lanes as worker threads, each worker has a
     /// connection whose I/O task runs on its own thread.
-    pub(crate) fn per_thread(pool: P, lanes: usize) -> Self {
-        Self::with_pick(pool, lanes, Pick::Thread)
+    pub(crate) fn per_thread(pool: P, lanes: usize, eviction: EvictionCheck) -> Self {
+        Self::with_pick(pool, lanes, Pick::Thread, eviction)
     }
 
-    fn with_pick(pool: P, lanes: usize, pick: Pick) -> Self {
+    fn with_pick(pool: P, lanes: usize, pick: Pick, eviction: EvictionCheck) -> Self {
         let lanes = lanes.clamp(1, pool.max_size().max(1));
         Self {
             pool,
@@ -137,6 +160,7 @@ impl<P: MultiplexedPool> Lanes<P> {
                 .collect(),
             pick,
             generation: AtomicU64::new(0),
+            eviction,
         }
     }
 
@@ -184,27 +208,50 @@ impl<P: MultiplexedPool> Lanes<P> {
 
     /// Runs `call` on a lane's connection within `timeout` (connection included). A connection
     /// error or a timeout drops the lane.
+    ///
+    /// A call whose connection broke (reset, broken pipe, closed by the server: Redis's idle
+    /// `timeout`, a `CLIENT KILL`, a proxy or load balancer that cut it) is sent once more on a
+    /// fresh connection, within the same `timeout`. This is safe for every call the stores make:
+    /// renew, complete and release are fenced by the owner token, and a claim that finds the
+    /// pending record its first attempt wrote answers `Acquired` (see `scripts::parse_claim`).
+    /// So a routine reset costs neither a 503 nor a lost completion. A timeout is not re-sent:
+    /// the connection was alive and the server slow, and the budget is spent.
     pub(crate) async fn run<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, StoreError>
     where
-        F: FnOnce(P::Conn) -> Fut,
+        F: Fn(P::Conn) -> Fut,
         Fut: Future<Output = Result<T, redis::RedisError>>,
     {
         let mut lane = None;
         let attempt = async {
-            let (i, generation, conn) = self.lane().await?;
-            lane = Some((i, generation));
-            call(conn).await.map_err(|e| {
+            let mut resent = false;
+            loop {
+                let (i, generation, conn) = self.lane().await?;
+                lane = Some((i, generation));
+                let answer = match self.eviction.admit::<P>(&conn, timeout).await {
+                    Ok(Ok(())) => call(conn).await,
+                    Ok(Err(refused)) => return Err(StoreError::Unavailable(Box::new(refused))),
+                    Err(e) => Err(e),
+                };
+                let e = match answer {
+                    Ok(value) => return Ok(value),
+                    Err(e) => e,
+                };
                 if is_connection_error(&e) {
                     self.drop_lane(i, generation);
                 }
+                if !resent && is_broken_connection(&e) {
+                    resent = true;
+                    tracing::debug!(error = %e, "a Redis connection broke; re-sending the call on a fresh one");
+                    continue;
+                }
                 // The connection's response timeout is the store's (see `eval`), so it races
                 // the timer below: either way the call took the whole timeout.
-                if e.is_timeout() {
+                return Err(if e.is_timeout() {
                     StoreError::Timeout(timeout)
                 } else {
                     StoreError::Unavailable(Box::new(e))
-                }
-            })
+                });
+            }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,

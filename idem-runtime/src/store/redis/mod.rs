@@ -13,18 +13,26 @@
 //! connections out of the pool once and keep them as *lanes*; a request clones a lane's handle
 //! (no I/O) and sends exactly one command. The pool still creates, health-checks and sizes
 //! connections: when a lane's connection fails (an I/O error or a timeout), the lane drops it and
-//! the next request checks a fresh one out of the pool.
+//! the next request checks a fresh one out of the pool. A call whose connection broke is re-sent
+//! once on a fresh one (see `Lanes::run`).
+//!
+//! # Eviction
+//!
+//! The first time a store connects, it reads Redis's `maxmemory-policy` and refuses to serve
+//! under one that can evict records (see [`eviction`]).
 
 use std::time::Duration;
 
 use crate::scope::RecordKey;
 
 mod cluster;
+mod eviction;
 mod lanes;
 pub(crate) mod scripts;
 mod single;
 
 pub use self::cluster::{NotReplicated, RedisClusterStore, RedisClusterStoreBuilder};
+pub use self::eviction::EvictionRisk;
 pub use self::single::{RedisStore, RedisStoreBuilder};
 
 /// The settings both Redis builders share, with their defaults in one place. Each builder keeps
@@ -36,6 +44,8 @@ pub(crate) struct Options {
     pub(crate) keys: KeyFormat,
     pub(crate) timeout: Duration,
     pub(crate) lanes: usize,
+    /// Serve even when Redis's `maxmemory-policy` can evict records (see [`eviction`]).
+    pub(crate) allow_eviction: bool,
 }
 
 impl Default for Options {
@@ -44,6 +54,7 @@ impl Default for Options {
             keys: KeyFormat::new(RedisStore::DEFAULT_PREFIX),
             timeout: RedisStore::DEFAULT_TIMEOUT,
             lanes: RedisStore::DEFAULT_LANES,
+            allow_eviction: false,
         }
     }
 }

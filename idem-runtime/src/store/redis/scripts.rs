@@ -1,12 +1,16 @@
 //! The four Lua scripts, the one place that builds a script command, and the parsing of the
 //! scripts' answers. Both Redis stores run exactly these.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use deadpool_redis::redis::{self, Cmd, Script, Value};
 
 use crate::{
+    config::Idempotency,
     protocol::{classify, Claim},
     record::Record,
     store::{Ownership, StoreError, Ticket},
@@ -39,10 +43,16 @@ return 0
 ";
 
 /// `KEYS[1]` record, `ARGV[1]` the owner's pending record, `ARGV[2]` completed record,
-/// `ARGV[3]` ttl in ms.
+/// `ARGV[3]` ttl in ms. A record that already is this very completed record answers 1: the same
+/// completion sent again after its answer was lost on a broken connection (re-sent by the lanes
+/// or retried by the lifecycle) is not a lost lease.
 const COMPLETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if v == ARGV[2] then
   return 1
 end
 return 0
@@ -135,8 +145,11 @@ impl Arg<'_> {
     }
 }
 
-/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry".
+/// Milliseconds for a store command: at least 1, so that a tiny duration never means "no expiry",
+/// and at most [`Idempotency::MAX_TTL`], so that a huge duration from a custom caller of the
+/// [`Store`](crate::Store) trait is clamped instead of making Redis refuse the `PX`.
 pub(crate) fn millis(d: Duration) -> u64 {
+    let d = d.min(Idempotency::MAX_TTL);
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -166,7 +179,7 @@ pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreE
         Value::Int(1) => Ok(Claim::Acquired),
         Value::Array(items) => match <[Value; 2]>::try_from(items) {
             Ok([Value::BulkString(raw), Value::Int(pttl)]) => {
-                if raw.as_slice() == ticket.pending_record().as_ref() {
+                if raw.as_slice() == ticket.pending_record() {
                     return Ok(Claim::Acquired);
                 }
                 let record = Record::decode(Bytes::from(raw))?;
@@ -181,6 +194,74 @@ pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreE
     }
 }
 
+/// The native claim (Redis 7.0 and later): `SET <key> <pending> NX GET PX <lease>` writes the
+/// pending record when the key is absent and answers nil, or leaves the key as it is and answers
+/// the record it holds. One command, no script: Redis runs it as fast as a `GET`. The fenced writes
+/// (renew, complete, release) stay Lua scripts: they compare before they write.
+pub(crate) fn native_claim(key: &[u8], pending: &[u8], lease: Duration) -> Cmd {
+    let mut cmd = Cmd::with_capacity(7, 3 + key.len() + pending.len() + 2 + 3 + 2 + 20);
+    cmd.arg("SET")
+        .arg(key)
+        .arg(pending)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(millis(lease));
+    cmd
+}
+
+/// Parses the native claim's answer. The remaining lease of an in-flight record is not known
+/// without a second command: its `retry_after` is the whole `lease`, an upper bound (the 409's
+/// `Retry-After` is the handler's typical run time bounded by it).
+pub(crate) fn parse_native_claim(
+    value: Value,
+    ticket: &Ticket,
+    lease: Duration,
+) -> Result<Claim, StoreError> {
+    match value {
+        Value::Nil => Ok(Claim::Acquired),
+        Value::BulkString(raw) => {
+            if raw.as_slice() == ticket.pending_record() {
+                return Ok(Claim::Acquired);
+            }
+            let record = Record::decode(Bytes::from(raw))?;
+            Ok(classify(record, ticket, lease))
+        }
+        other => Err(StoreError::Protocol(format!("claim answered {other:?}"))),
+    }
+}
+
+/// Whether the server refused the native claim's syntax: `SET` with both `NX` and `GET` came with
+/// Redis 7.0, and older servers answer `ERR syntax error`.
+pub(crate) fn refuses_native_claim(err: &redis::RedisError) -> bool {
+    err.code() == Some("ERR") && err.detail().is_some_and(|d| d.contains("syntax error"))
+}
+
+/// Whether a store still claims natively: until a server refuses the syntax once (a Redis older
+/// than 7.0), after which it claims with the Lua script for good.
+#[derive(Debug)]
+pub(crate) struct ClaimMode(AtomicBool);
+
+impl ClaimMode {
+    pub(crate) const fn native() -> Self {
+        Self(AtomicBool::new(true))
+    }
+
+    pub(crate) fn is_native(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Switches to the Lua claim for good.
+    pub(crate) fn fall_back(&self) {
+        if self.0.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "the Redis server does not support `SET ... NX GET` (Redis 7.0 and later): idem \
+                 claims with a Lua script instead, which costs Redis more per request"
+            );
+        }
+    }
+}
+
 /// Parses a fenced script's answer.
 pub(crate) fn parse_ownership(value: &Value) -> Result<Ownership, StoreError> {
     match value {
@@ -190,6 +271,13 @@ pub(crate) fn parse_ownership(value: &Value) -> Result<Ownership, StoreError> {
             "a fenced write answered {other:?}"
         ))),
     }
+}
+
+/// Whether an error means the connection broke (reset, broken pipe, closed by the server) rather
+/// than a live connection that did not answer in time: a call that met it may be re-sent on a
+/// fresh connection (see `Lanes::run`).
+pub(crate) fn is_broken_connection(err: &redis::RedisError) -> bool {
+    !err.is_timeout() && (err.is_connection_dropped() || err.is_io_error())
 }
 
 /// Whether an error means the connection itself is no good.
@@ -210,6 +298,16 @@ mod tests {
         fingerprint::Fingerprint,
         record::{encode_completed, encode_pending, OwnerToken, StoredResponse},
     };
+
+    #[test]
+    fn millis_are_at_least_one_and_at_most_the_longest_ttl() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(10)), 1);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        let max = u64::try_from(Idempotency::MAX_TTL.as_millis()).expect("fits");
+        assert_eq!(millis(Idempotency::MAX_TTL), max);
+        assert_eq!(millis(Duration::MAX), max);
+    }
 
     /// The claim script tells an in-flight record by its 4th byte (`string.byte(v, 4) == 80`).
     #[test]
@@ -281,5 +379,84 @@ mod tests {
                 retry_after: Duration::from_millis(900)
             }
         );
+    }
+
+    #[test]
+    fn the_native_claim_is_one_set_nx_get_px() {
+        let cmd = native_claim(b"idem:{k}", b"P", Duration::from_millis(1500));
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let want: Vec<&[u8]> = vec![b"SET", b"idem:{k}", b"P", b"NX", b"GET", b"PX", b"1500"];
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn the_native_claims_answers() {
+        let fp = Fingerprint::compute("POST", "/p", "", b"{}");
+        let key = crate::scope::RecordKey::from_bytes([7; 32]);
+        let ticket = Ticket::new(key, fp);
+        let lease = Duration::from_secs(30);
+        assert_eq!(
+            parse_native_claim(Value::Nil, &ticket, lease).expect("parses"),
+            Claim::Acquired
+        );
+        let own = Value::BulkString(ticket.pending_record().to_vec());
+        assert_eq!(
+            parse_native_claim(own, &ticket, lease).expect("parses"),
+            Claim::Acquired
+        );
+        let other = Ticket::new(key, fp);
+        let theirs = Value::BulkString(other.pending_record().to_vec());
+        assert_eq!(
+            parse_native_claim(theirs, &ticket, lease).expect("parses"),
+            Claim::InFlight { retry_after: lease }
+        );
+        let stored = StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Bytes::from_static(b"paid"),
+        };
+        let done = Value::BulkString(encode_completed(&fp, &stored).expect("encodes").to_vec());
+        assert_eq!(
+            parse_native_claim(done, &ticket, lease).expect("parses"),
+            Claim::Replay(stored)
+        );
+        assert!(parse_native_claim(Value::BulkString(b"junk".to_vec()), &ticket, lease).is_err());
+        assert!(parse_native_claim(Value::Int(1), &ticket, lease).is_err());
+    }
+
+    #[test]
+    fn an_old_servers_refusal_is_told_apart() {
+        let syntax = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "An error was signalled by the server",
+            "syntax error".to_owned(),
+        ));
+        // Built by hand, the error carries no server code: check the parser on a real answer.
+        let parsed = redis::parse_redis_value(b"-ERR syntax error\r\n").expect("parses");
+        let refused = match parsed {
+            Value::ServerError(e) => redis::RedisError::from(e),
+            other => panic!("a server error, got {other:?}"),
+        };
+        assert!(refuses_native_claim(&refused), "{refused:?}");
+        let wrongtype = match redis::parse_redis_value(
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+        )
+        .expect("parses")
+        {
+            Value::ServerError(e) => redis::RedisError::from(e),
+            other => panic!("a server error, got {other:?}"),
+        };
+        assert!(!refuses_native_claim(&wrongtype));
+        let _ = syntax;
+        let mode = ClaimMode::native();
+        assert!(mode.is_native());
+        mode.fall_back();
+        assert!(!mode.is_native());
     }
 }

@@ -1,5 +1,6 @@
-//! [`RedisStore`]: one key per record on one Redis server; claim, renew, complete and release are
-//! each one `EVALSHA` of the scripts in [`super::scripts`].
+//! [`RedisStore`]: one key per record on one Redis server. A claim is one native `SET ... NX GET`
+//! (Redis 7.0 and later; the claim script on an older server, detected by its first refusal);
+//! renew, complete and release are each one `EVALSHA` of the scripts in [`super::scripts`].
 //!
 //! A [`RedisStore`] gives each thread that calls it one lane (threads are numbered as they first
 //! call, modulo the number of lanes), and a lane's connection is opened by the first thread that
@@ -15,8 +16,12 @@ use deadpool_redis::{
 };
 
 use super::{
+    eviction::EvictionCheck,
     lanes::Lanes,
-    scripts::{parse_claim, parse_ownership, Arg, Lua, Scripts},
+    scripts::{
+        native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
+        ClaimMode, Lua, Scripts,
+    },
     KeyFormat, Options,
 };
 use crate::{
@@ -38,6 +43,7 @@ struct Inner {
     keys: KeyFormat,
     timeout: Duration,
     scripts: Scripts,
+    claim_mode: ClaimMode,
 }
 
 impl fmt::Debug for RedisStore {
@@ -83,14 +89,32 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Builds the store. No connection is made until the first call.
+    /// Serves even when Redis's `maxmemory-policy` can evict keys. **A risk**: a full Redis then
+    /// evicts idempotency records (in-flight ones first, as they have the shortest TTL), and a
+    /// retry of an evicted request runs the handler a second time.
+    ///
+    /// Without it, the store reads the policy the first time it connects and, unless it is
+    /// `noeviction`, refuses to serve: every call fails with [`StoreError::Unavailable`] wrapping
+    /// [`EvictionRisk`](crate::EvictionRisk), and requests get 503. With `noeviction`, a full
+    /// Redis refuses writes instead, and requests get 503 until memory frees: the safe answer.
+    /// A server that does not let the store read its configuration (a managed Redis, an ACL that
+    /// denies `CONFIG`) is served, with one warning.
+    #[must_use]
+    pub fn allow_eviction(mut self) -> Self {
+        self.options.allow_eviction = true;
+        self
+    }
+
+    /// Builds the store. No connection is made until the first call (or [`RedisStore::check`]).
     pub fn build(self) -> RedisStore {
+        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisStoreBuilder");
         RedisStore {
             inner: Arc::new(Inner {
-                lanes: Lanes::per_thread(self.pool, self.options.lanes),
+                lanes: Lanes::per_thread(self.pool, self.options.lanes, eviction),
                 keys: self.options.keys,
                 timeout: self.options.timeout,
                 scripts: Scripts::new(),
+                claim_mode: ClaimMode::native(),
             }),
         }
     }
@@ -129,10 +153,61 @@ impl RedisStore {
         self.inner.lanes.pool()
     }
 
+    /// Connects and checks that the store can serve: Redis answers, and its `maxmemory-policy`
+    /// cannot evict records (see [`RedisStoreBuilder::allow_eviction`]). Call it at start, so
+    /// that a misconfigured Redis stops the app with the fix rather than failing its requests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when Redis cannot be reached or its policy can evict records
+    /// (wrapping [`EvictionRisk`](crate::EvictionRisk), whose message names the fix);
+    /// [`StoreError::Timeout`] when it does not answer within the store timeout.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                deadpool_redis::redis::cmd("PING")
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            })
+            .await
+    }
+
     /// The Redis key of the ticket's record (for tests that look at Redis directly).
     #[cfg(feature = "testing")]
     pub(crate) fn key_of(&self, ticket: &Ticket) -> String {
         self.inner.keys.string(ticket.key())
+    }
+
+    /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
+    #[cfg(feature = "testing")]
+    pub(crate) fn claim_with_lua(&self) {
+        self.inner.claim_mode.fall_back();
+    }
+
+    /// The native claim: one `SET ... NX GET` round trip. `None` when the server refused the
+    /// syntax (older than Redis 7.0): the caller claims with the script instead.
+    async fn claim_natively(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+    ) -> Result<Option<Value>, StoreError> {
+        let cmd = self.inner.keys.with_bytes(ticket.key(), |key| {
+            native_claim(key, ticket.pending_record(), lease)
+        });
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        self.inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if refuses_native_claim(&e) => Ok(None),
+                    answer => answer.map(Some),
+                }
+            })
+            .await
     }
 
     /// Runs `lua` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD` and a
@@ -174,6 +249,12 @@ impl Store for RedisStore {
     }
 
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        if self.inner.claim_mode.is_native() {
+            match self.claim_natively(ticket, lease).await? {
+                Some(value) => return parse_native_claim(value, ticket, lease),
+                None => self.inner.claim_mode.fall_back(),
+            }
+        }
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
         parse_claim(value, ticket)
