@@ -15,7 +15,11 @@
 //!   `payments`, created at start: without `REDIS_URL`, the records are in a `PostgresStore` on
 //!   the same database and each payment is written in the same transaction as its completed
 //!   record (the transactional mode); with `REDIS_URL`, the records are in Redis and the payment
-//!   is written on its own (no transaction).
+//!   is written on its own (no transaction);
+//! - built with `--features openapi`, `GET /openapi.json` serves the OpenAPI document, whose
+//!   idempotency parts (the key header, 409/422/..., retention) come from `#[idempotent]` itself;
+//! - `GET /metrics` serves idem's metrics (and any other) in the Prometheus text format: the app
+//!   installs the recorder, idem only emits.
 //!
 //! `GET /stats` answers `{"executions": N, "payments": M}`: the handler's executions in this
 //! process, and the payments stored (rows in Postgres with `DATABASE_URL`, else this process's).
@@ -39,7 +43,10 @@ use actix_web::{
     http::{header, StatusCode},
     post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer,
 };
+#[cfg(feature = "openapi")]
+use idem::openapi::IdempotencyDocs;
 use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -51,6 +58,7 @@ struct Ledger {
 }
 
 #[derive(Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct Payment {
     id: String,
     amount: u64,
@@ -60,10 +68,18 @@ struct Payment {
     created_at: String,
 }
 
+/// A payment to make (fields checked by the handler, which answers 400 with the reason).
 #[derive(Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct NewPayment {
+    /// Minor units, positive.
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     amount: serde_json::Value,
+    /// Three upper-case letters.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     currency: serde_json::Value,
+    /// `decline` and `unavailable` simulate the processor's answers.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     destination: serde_json::Value,
 }
 
@@ -132,9 +148,27 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
     Ok((amount, currency.to_owned(), destination.to_owned()))
 }
 
-#[post("/payments")]
+/// Make a payment.
+///
+/// Authenticated with `Authorization: Bearer <token>`; the token names the client.
+// `#[idempotent]` comes first: it adds what it knows to `#[utoipa::path]` (with the `openapi`
+// feature), and both come before the route attribute, as utoipa expects.
 #[idempotent(ttl = "24h", require_key)]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(feature = "openapi", utoipa::path(
+    post,
+    path = "/payments",
+    request_body = NewPayment,
+    responses(
+        (status = 201, description = "The payment was created", body = Payment,
+            headers(("Location" = String, description = "The payment's URL"))),
+        (status = 400, description = "Invalid JSON or fields (stored and replayed)"),
+        (status = 401, description = "No `Authorization: Bearer <token>`"),
+        (status = 402, description = "The processor declined the payment (stored and replayed)"),
+        (status = 503, description = "The processor is unavailable (not stored: a retry runs again)"),
+    ),
+))]
+#[post("/payments")]
 async fn create_payment(
     req: HttpRequest,
     client: Client,
@@ -287,6 +321,30 @@ async fn stats(ledger: web::Data<Ledger>, database: web::Data<Database>) -> Http
         "executions": ledger.executions.load(Ordering::SeqCst),
         "payments": payments,
     }))
+}
+
+/// The OpenAPI document of `POST /payments`; `IdempotencyDocs` documents its idempotency.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "payments (idem example)", description = "A payments API that is safe to retry."),
+    paths(create_payment),
+    modifiers(&IdempotencyDocs)
+)]
+struct ApiDoc;
+
+#[cfg(feature = "openapi")]
+#[get("/openapi.json")]
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
+/// The metrics in the Prometheus text format.
+#[get("/metrics")]
+async fn metrics(prometheus: web::Data<PrometheusHandle>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(prometheus.render())
 }
 
 /// Simulated processor latency, before the payment is written.
@@ -586,22 +644,40 @@ async fn main() -> std::io::Result<()> {
         Some(ms) => idempotency.lease(Duration::from_millis(ms.max(1))),
         None => idempotency,
     };
+    // The application, not idem, installs the recorder; this one only renders (no listener).
+    let prometheus = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    let upkeep = prometheus.clone();
+    actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let prometheus = web::Data::new(prometheus);
     let ledger = web::Data::new(Ledger::default());
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
     let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
     let database = web::Data::new(database);
     tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(idempotency.clone())
             .app_data(ledger.clone())
             .app_data(delay.clone())
             .app_data(commit_delay.clone())
             .app_data(database.clone())
+            .app_data(prometheus.clone())
             .app_data(json_config())
             .configure(|cfg| payments_route(cfg, transactional))
             .service(get_payment)
             .service(stats)
+            .service(metrics);
+        #[cfg(feature = "openapi")]
+        let app = app.service(openapi_json);
+        app
     })
     .disable_signals()
     .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())

@@ -27,6 +27,20 @@ if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then
 fi
 "$(pg_bin_dir)/postgres" --version
 
+# The OpenAPI test (tests/observability.rs) checks the payments example's document against the
+# OpenAPI 3.1 schema with Python's openapi-spec-validator (PyPI).
+if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+  echo "== installing openapi-spec-validator"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-pip
+  fi
+  # A distribution's Python refuses a plain install (PEP 668): then install past that marker.
+  python3 -m pip install --quiet openapi-spec-validator \
+    || python3 -m pip install --quiet --break-system-packages openapi-spec-validator
+fi
+python3 -c 'import openapi_spec_validator' && echo "openapi-spec-validator: ok"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -35,7 +49,7 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 echo "== cargo build --examples"
 # The crash test (tests/reliability_crash.rs) runs the `orders` example as a child process and
-# SIGKILLs it. `cargo test --all-targets` builds examples only as test harnesses, never the runnable
+# SIGKILLs it; tests/observability.rs runs `payments` (built with every feature: `/openapi.json`). `cargo test --all-targets` builds examples only as test harnesses, never the runnable
 # binary, and a test must not run cargo itself: build them here.
 cargo build --workspace --examples --all-features --locked
 

@@ -9,4 +9,8 @@ fn ui() {
     let t = trybuild::TestCases::new();
     t.pass("tests/ui/pass/*.rs");
     t.compile_fail("tests/ui/fail/*.rs");
+    // With the `openapi` feature (scripts/test.sh runs this suite with every feature).
+    if cfg!(feature = "openapi") {
+        t.pass("tests/ui/openapi/*.rs");
+    }
 }

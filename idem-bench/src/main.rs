@@ -36,6 +36,7 @@ struct Options {
     hold: bool,
     postgres: bool,
     preload: bool,
+    metrics: bool,
 }
 
 impl Options {
@@ -54,6 +55,7 @@ impl Options {
             hold: false,
             postgres: false,
             preload: false,
+            metrics: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -91,6 +93,7 @@ impl Options {
                     o.postgres = true;
                     o.preload = true;
                 }
+                "--metrics" => o.metrics = true,
                 "-h" | "--help" => {
                     println!("{HELP}");
                     std::process::exit(0);
@@ -131,7 +134,9 @@ options:
                    statements per request from pg_stat_statements (--seconds, --threads,
                    --connections and --workers apply)
   --preload        with --postgres: then load 10^6 live and 10^6 expired records, run the
-                   first-request rows again, and measure the sweep's rate";
+                   first-request rows again, and measure the sweep's rate
+  --metrics        install a metrics recorder (Prometheus, never rendered; upkeep every 5 s) for
+                   the whole run: compare with a run without it for the cost of idem's metrics";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seed {
@@ -678,6 +683,20 @@ fn check_endpoints(port: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// Installs the Prometheus recorder as the global one, the way an application does, so that every
+/// metric idem emits is recorded; nothing renders it during the run. Its upkeep (draining the
+/// histograms) runs every 5 s on a thread of its own, as an exporter's would.
+fn install_recorder() -> Result<(), String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        handle.run_upkeep();
+    });
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let opts = Options::parse()?;
     if opts.postgres {
@@ -696,6 +715,9 @@ fn run() -> Result<(), String> {
         return Ok(());
     }
     let started = Instant::now();
+    if opts.metrics {
+        install_recorder()?;
+    }
     let redis = RedisServer::start();
     let server = app::start(&app::AppConfig {
         redis_url: redis.url(),
@@ -823,7 +845,7 @@ fn report(
     let _ = writeln!(out, "{}", machine());
     let _ = writeln!(
         out,
-        "- load: wrk -t{} -c{}, {} s per row after {} s warm-up, {} round(s) interleaved, medians shown; app: {} actix worker(s), RedisStore lanes {}; total {:.0} s\n",
+        "- load: wrk -t{} -c{}, {} s per row after {} s warm-up, {} round(s) interleaved, medians shown; app: {} actix worker(s), RedisStore lanes {}, metrics recorder {}; total {:.0} s\n",
         opts.load.threads,
         opts.load.connections,
         opts.seconds,
@@ -831,6 +853,11 @@ fn report(
         opts.rounds,
         opts.workers,
         opts.lanes,
+        if opts.metrics {
+            "installed (--metrics)"
+        } else {
+            "none"
+        },
         elapsed.as_secs_f64()
     );
     let _ = writeln!(

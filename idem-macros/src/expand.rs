@@ -46,6 +46,9 @@ fn expand(args: &Args, handler: &Handler) -> TokenStream {
         .collect();
 
     let user_fn = &handler.item;
+    #[cfg(feature = "openapi")]
+    let attrs = &crate::openapi::mark(&user_fn.attrs, args);
+    #[cfg(not(feature = "openapi"))]
     let attrs = &user_fn.attrs;
     let vis = &user_fn.vis;
     let name = &user_fn.sig.ident;

@@ -9,6 +9,8 @@ mod args;
 mod duration;
 mod expand;
 mod handler;
+#[cfg(feature = "openapi")]
+mod openapi;
 mod size;
 
 use proc_macro::TokenStream;

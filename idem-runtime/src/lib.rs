@@ -17,6 +17,8 @@
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
+//! - with the `openapi` feature, `openapi::IdempotencyDocs`: a utoipa `Modify` that documents
+//!   the endpoints `#[idempotent]` marked;
 //! - [`deadpool_redis`] and [`redis`] (and `sqlx` with the `postgres` feature), re-exported so
 //!   that versions cannot drift.
 //!
@@ -33,6 +35,7 @@
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
 //! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
+//! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
 //! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
@@ -50,6 +53,9 @@ mod fingerprint;
 mod http;
 mod key;
 mod lifecycle;
+mod observe;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 mod policy;
 mod problem;
 mod protocol;

@@ -19,6 +19,7 @@ use crate::{
     fingerprint::FingerprintHasher,
     key::IdempotencyKey,
     lifecycle::{self, HandlerTiming, Outcome, Owned, Policy, Settlement},
+    observe,
     policy::ServerErrors,
     problem::Problem,
     protocol::Claim,
@@ -163,8 +164,10 @@ where
         .await
 }
 
-fn record(outcome: Outcome) {
+/// Records a request's final outcome: on its span, and counted (once per request) in the metrics.
+fn record(handler: &'static str, outcome: Outcome) {
     Span::current().record("outcome", outcome.as_str());
+    observe::request(handler, outcome);
 }
 
 async fn adapt<S, F, Fut>(
@@ -179,12 +182,13 @@ where
     Fut: Future<Output = HttpResponse> + 'static,
 {
     let Some(idem) = Idempotency::registered(&req) else {
-        record(Outcome::Misconfigured);
+        record(spec.handler, Outcome::Misconfigured);
         tracing::error!("{MISSING_CONFIG}");
         return Problem::Misconfigured.to_response();
     };
     let settings = Arc::clone(&idem.inner);
     let policy = match Policy::resolve(
+        spec.handler,
         spec.lease,
         spec.ttl,
         settings.lease,
@@ -194,7 +198,7 @@ where
     ) {
         Ok(policy) => policy,
         Err(fix) => {
-            record(Outcome::Misconfigured);
+            record(spec.handler, Outcome::Misconfigured);
             tracing::error!(handler = spec.handler, "{fix}");
             return Problem::Misconfigured.to_response();
         }
@@ -208,19 +212,19 @@ where
     let key = match IdempotencyKey::from_headers(req.headers(), &header.name) {
         Ok(Some(key)) => key,
         Ok(None) if spec.require_key => {
-            record(Outcome::MissingKey);
+            record(spec.handler, Outcome::MissingKey);
             return Problem::MissingKey {
                 header: header.spelled,
             }
             .to_response();
         }
         Ok(None) => {
-            record(Outcome::NoKey);
+            record(spec.handler, Outcome::NoKey);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
         }
         Err(reason) => {
-            record(Outcome::InvalidKey);
+            record(spec.handler, Outcome::InvalidKey);
             return Problem::InvalidKey {
                 reason,
                 header: header.spelled,
@@ -235,7 +239,7 @@ where
     let address = match S::from_request(&req, &mut Payload::None).await {
         Ok(scope) => RecordKey::new(&scope.scope_id(), &key),
         Err(err) => {
-            record(Outcome::ScopeRefused);
+            record(spec.handler, Outcome::ScopeRefused);
             return extractor_error(err);
         }
     };
@@ -248,18 +252,21 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > max_body as u64) {
-        record(Outcome::BodyTooLarge);
+        record(spec.handler, Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
     let mut hasher = fingerprint_head(&req);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
-            record(if matches!(problem, Problem::BodyTooLarge { .. }) {
-                Outcome::BodyTooLarge
-            } else {
-                Outcome::BadBody
-            });
+            record(
+                spec.handler,
+                if matches!(problem, Problem::BodyTooLarge { .. }) {
+                    Outcome::BodyTooLarge
+                } else {
+                    Outcome::BadBody
+                },
+            );
             return problem.to_response();
         }
     };
@@ -269,26 +276,26 @@ where
     match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
         Ok(Claim::Acquired) => {}
         Ok(Claim::Replay(stored)) => {
-            record(Outcome::Replayed);
+            record(spec.handler, Outcome::Replayed);
             return replay(stored);
         }
         Ok(Claim::Mismatch) => {
-            record(Outcome::Mismatch);
+            record(spec.handler, Outcome::Mismatch);
             return Problem::KeyReused.to_response();
         }
         Ok(Claim::InFlight { retry_after }) => {
-            record(Outcome::InFlight);
+            record(spec.handler, Outcome::InFlight);
             let retry_after = lifecycle::retry_after_hint(retry_after, spec.timing.typical());
             return Problem::InFlight { retry_after }.to_response();
         }
         Err(err) if spec.fail_open => {
-            record(Outcome::StoreErrorFailOpen);
+            record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
             let resp = run(req, payload_of(body)).await;
             return txn.finish_unrecorded(resp).await;
         }
         Err(err) => {
-            record(Outcome::StoreError);
+            record(spec.handler, Outcome::StoreError);
             tracing::error!(error = %err, "idempotency store unavailable; the handler did not run");
             return Problem::StoreUnavailable {
                 retry_after: settings.unavailable_retry_after,
@@ -300,7 +307,8 @@ where
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
     // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
-    record(Outcome::Executed);
+    // Until it settles: the span of a handler still running (or that never returns) says so.
+    Span::current().record("outcome", Outcome::Executed.as_str());
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
@@ -309,7 +317,14 @@ where
     let started = tokio::time::Instant::now();
     let execute = async move {
         let _running = running;
-        let resp = execute(owned, max_response, txn, run(req, payload_of(body))).await;
+        let resp = execute(
+            spec.handler,
+            owned,
+            max_response,
+            txn,
+            run(req, payload_of(body)),
+        )
+        .await;
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp
@@ -372,6 +387,7 @@ impl<'a> Lines<'a> {
 
 /// Runs the handler and reads its response while the lease is renewed, then settles.
 async fn execute(
+    name: &'static str,
     owned: Owned,
     max_response: usize,
     txn: RequestTransaction,
@@ -388,7 +404,7 @@ async fn execute(
         Err(lifecycle::Panicked) => {
             tracing::error!("the idempotent handler panicked; its key is released");
             let outcome = owned.settle(Settlement::Panicked, txn.completion()).await;
-            record(outcome);
+            record(name, outcome);
             return HttpResponse::InternalServerError().finish();
         }
         Ok((resp, Collected::Whole(body))) => {
@@ -405,13 +421,14 @@ async fn execute(
                 "the response is larger than max_response: its transaction is rolled back, key released"
             );
             let outcome = owned.settle(Settlement::Unstorable, txn.completion()).await;
-            record(outcome);
+            record(name, outcome);
             return Problem::MisconfiguredFix {
                 fix: TOO_LARGE_IN_TRANSACTION,
             }
             .to_response();
         }
         Ok((resp, Collected::TooLarge(head, rest))) => {
+            observe::too_large(name);
             tracing::warn!(
                 max_response,
                 "the response is larger than max_response: sent but not stored, key released"
@@ -421,12 +438,12 @@ async fn execute(
         Ok((_, Collected::Failed)) => {
             tracing::error!("the response body failed while it was read; key released");
             let outcome = owned.settle(Settlement::Unstorable, txn.completion()).await;
-            record(outcome);
+            record(name, outcome);
             return HttpResponse::InternalServerError().finish();
         }
     };
     let outcome = owned.settle(settlement, txn.completion()).await;
-    record(outcome);
+    record(name, outcome);
     if outcome == Outcome::RolledBack {
         return txn.rolled_back();
     }

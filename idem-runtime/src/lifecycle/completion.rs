@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::{
+    observe::{self, Op},
     record::StoredResponse,
     store::{Ownership, Store, StoreError, Ticket},
 };
@@ -49,8 +50,10 @@ impl Completion for StoreCompletion {
         ttl: Duration,
         retry_for: Duration,
     ) -> Result<Ownership, StoreError> {
+        // Each attempt is one store call, timed as such.
+        let kind = store.kind();
         retry_fenced("completion", retry_for, || {
-            store.complete(ticket, response, ttl)
+            observe::timed(Op::Complete, kind, store.complete(ticket, response, ttl))
         })
         .await
     }

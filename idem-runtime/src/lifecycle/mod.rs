@@ -38,6 +38,7 @@ pub(crate) use self::{
 };
 
 use crate::{
+    observe::{self, Op},
     policy::{self, Disposition, ServerErrors},
     protocol::Claim,
     record::StoredResponse,
@@ -48,6 +49,8 @@ use crate::{
 /// A handler's settings resolved against the app's, and checked together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Policy {
+    /// The handler's name: the `handler` label of its metrics.
+    pub(crate) handler: &'static str,
     pub(crate) lease: Duration,
     pub(crate) ttl: Duration,
     /// How long a duplicate of an in-flight request waits for its response (`None`: 409 at once).
@@ -60,6 +63,7 @@ impl Policy {
     /// than the ttl. The macro checks a handler's own pair at compile time; this catches a pair
     /// whose halves come from two places (a handler's `ttl` under the app's `lease`).
     pub(crate) fn resolve(
+        handler: &'static str,
         lease: Option<Duration>,
         ttl: Option<Duration>,
         app_lease: Duration,
@@ -75,6 +79,7 @@ impl Policy {
             ));
         }
         Ok(Self {
+            handler,
             lease,
             ttl,
             in_flight_wait,
@@ -92,10 +97,28 @@ pub(crate) async fn claim(
     policy: &Policy,
     waiters: &Waiters,
 ) -> Result<Claim, StoreError> {
-    let mut answer = store.claim(ticket, policy.lease).await?;
+    let kind = store.kind();
+    let answer = observe::timed(Op::Claim, kind, store.claim(ticket, policy.lease)).await?;
     let (Claim::InFlight { .. }, Some(wait)) = (&answer, policy.in_flight_wait) else {
         return Ok(answer);
     };
+    let started = std::time::Instant::now();
+    let waited = wait_for(store, ticket, policy, waiters, answer, wait).await;
+    observe::waited(policy.handler, started.elapsed());
+    waited
+}
+
+/// Polls an in-flight record (with the other waiters of this process) until it is no longer in
+/// flight or `wait` runs out.
+async fn wait_for(
+    store: &dyn Store,
+    ticket: &Ticket,
+    policy: &Policy,
+    waiters: &Waiters,
+    mut answer: Claim,
+    wait: Duration,
+) -> Result<Claim, StoreError> {
+    let kind = store.kind();
     let deadline = Instant::now() + wait;
     let member = waiters.join(*ticket.key(), *ticket.fingerprint());
     let mut backoff = Duration::from_millis(5);
@@ -106,7 +129,13 @@ pub(crate) async fn claim(
         }
         member.pause((now + backoff).min(deadline)).await;
         backoff = (backoff * 2).min(POLL_INTERVAL);
-        answer = member.poll(store.claim(ticket, policy.lease)).await?;
+        answer = member
+            .poll(observe::timed(
+                Op::Claim,
+                kind,
+                store.claim(ticket, policy.lease),
+            ))
+            .await?;
         if !matches!(answer, Claim::InFlight { .. }) {
             return Ok(answer);
         }
@@ -149,7 +178,7 @@ impl Owned {
     /// every third of it, so a slow handler keeps its key. A panic in `work` is caught.
     pub(crate) async fn run<F: Future>(&self, work: F) -> Result<F::Output, Panicked> {
         let work = AssertUnwindSafe(work).catch_unwind();
-        let renewal = renew(&*self.store, &self.ticket, self.policy.lease);
+        let renewal = renew(&*self.store, &self.ticket, &self.policy);
         futures_util::pin_mut!(work, renewal);
         let result = match select(work, renewal).await {
             Either::Left((result, _)) => result,
@@ -197,6 +226,7 @@ impl Owned {
                     // The handler's writes were rolled back with the completion: its response
                     // would tell the client about work that did not happen.
                     Ok(Ownership::Lost) if binding => {
+                        observe::lease_lost(self.policy.handler, Op::Complete);
                         tracing::warn!(
                             "the lease was lost before completion: the handler's transaction was rolled back; answering 503"
                         );
@@ -211,9 +241,12 @@ impl Owned {
                         self.release().await;
                         return Outcome::RolledBack;
                     }
-                    Ok(Ownership::Lost) => tracing::warn!(
+                    Ok(Ownership::Lost) => {
+                        observe::lease_lost(self.policy.handler, Op::Complete);
+                        tracing::warn!(
                         "the lease was lost before completion: the response was sent but not stored"
-                    ),
+                        );
+                    }
                     Err(err) => tracing::error!(
                         error = %err,
                         retried_for = ?self.retry_for(),
@@ -236,27 +269,32 @@ impl Owned {
     }
 
     async fn release(&self) {
+        let kind = self.store.kind();
         let released = retry_fenced("release", self.retry_for(), || {
-            self.store.release(&self.ticket)
+            observe::timed(Op::Release, kind, self.store.release(&self.ticket))
         })
         .await;
-        if let Err(err) = released {
-            tracing::warn!(
+        match released {
+            Ok(Ownership::Held) => {}
+            Ok(Ownership::Lost) => observe::lease_lost(self.policy.handler, Op::Release),
+            Err(err) => tracing::warn!(
                 error = %err,
                 "the key could not be released; it frees itself when its lease runs out"
-            );
+            ),
         }
     }
 }
 
 /// Renews the lease every third of its length; returns only when the lease is lost.
-async fn renew(store: &dyn Store, ticket: &Ticket, lease: Duration) {
+async fn renew(store: &dyn Store, ticket: &Ticket, policy: &Policy) {
+    let lease = policy.lease;
     let period = (lease / 3).max(Duration::from_millis(1));
     loop {
         tokio::time::sleep(period).await;
-        match store.renew(ticket, lease).await {
-            Ok(Ownership::Held) => {}
+        match observe::timed(Op::Renew, store.kind(), store.renew(ticket, lease)).await {
+            Ok(Ownership::Held) => observe::renewed(policy.handler),
             Ok(Ownership::Lost) => {
+                observe::lease_lost(policy.handler, Op::Renew);
                 tracing::warn!("the in-flight lease was lost while the handler ran");
                 return;
             }
@@ -288,6 +326,7 @@ mod tests {
 
     fn policy(lease_ms: u64) -> Policy {
         Policy::resolve(
+            "test",
             Some(Duration::from_millis(lease_ms)),
             None,
             Idempotency::DEFAULT_LEASE,
@@ -732,6 +771,7 @@ mod tests {
     #[test]
     fn a_lease_from_the_app_not_shorter_than_the_handlers_ttl_is_refused() {
         let refused = Policy::resolve(
+            "test",
             None,
             Some(Duration::from_secs(10)),
             Duration::from_secs(30),

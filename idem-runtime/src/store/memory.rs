@@ -298,6 +298,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         if let Some(claim) = self.try_claim(ticket, lease) {
             return Ok(claim);

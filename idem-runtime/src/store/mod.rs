@@ -182,4 +182,10 @@ pub trait Store: std::any::Any + Send + Sync + 'static {
     ///
     /// [`StoreError`] when the store fails.
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError>;
+
+    /// A short, fixed name for the store, the `store` label of idem's metrics (`memory`, `redis`,
+    /// `redis_cluster`, `postgres` for the built-in stores).
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 }

@@ -395,6 +395,10 @@ fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         let row = self
             .bounded(

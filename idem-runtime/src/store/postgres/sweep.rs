@@ -21,6 +21,7 @@ impl PostgresStore {
                     .execute(&self.inner.pool),
             )
             .await?;
+        crate::observe::swept("postgres", result.rows_affected());
         Ok(result.rows_affected())
     }
 

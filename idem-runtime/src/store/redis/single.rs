@@ -236,6 +236,10 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         if self.inner.claim_mode.is_native() {
             match self.claim_natively(ticket, lease).await? {

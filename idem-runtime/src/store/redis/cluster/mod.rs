@@ -333,6 +333,10 @@ impl NotReplicated {
 
 #[async_trait]
 impl Store for RedisClusterStore {
+    fn kind(&self) -> &'static str {
+        "redis_cluster"
+    }
+
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         // The cluster client re-sends a command whose connection broke before the answer came (a
         // master failing over, a reconnect): the second attempt can find the pending record the

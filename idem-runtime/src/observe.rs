@@ -1,0 +1,229 @@
+//! Metrics, through the [`metrics`] facade: idem emits, the application installs a recorder (an
+//! exporter) or none. Every name and label value is a `&'static str`; labels are the handler's
+//! name, the outcome, the store operation and the store's [`Store::kind`], never a key or a scope.
+//!
+//! The README's table lists every metric; each is described (unit and sentence) once, on the first
+//! emission, so that a recorder installed before the first request knows them all.
+//!
+//! [`Store::kind`]: crate::Store::kind
+
+use std::{
+    future::Future,
+    sync::Once,
+    time::{Duration, Instant},
+};
+
+use metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+
+use crate::{lifecycle::Outcome, store::StoreError};
+
+const REQUESTS: &str = "idem_requests_total";
+const STORE_SECONDS: &str = "idem_store_operation_seconds";
+const WAIT_SECONDS: &str = "idem_wait_seconds";
+const RENEWALS: &str = "idem_lease_renewals_total";
+const LEASES_LOST: &str = "idem_leases_lost_total";
+const STORE_ERRORS: &str = "idem_store_errors_total";
+const TOO_LARGE: &str = "idem_responses_too_large_total";
+const SWEPT: &str = "idem_swept_records_total";
+
+/// A store operation: the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Claim,
+    Renew,
+    Complete,
+    Release,
+}
+
+impl Op {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Renew => "renew",
+            Self::Complete => "complete",
+            Self::Release => "release",
+        }
+    }
+}
+
+fn describe() {
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(|| {
+        describe_counter!(
+            REQUESTS,
+            Unit::Count,
+            "Idempotent requests, by handler and outcome (executed, replayed, mismatch, in_flight, ...)."
+        );
+        describe_histogram!(
+            STORE_SECONDS,
+            Unit::Seconds,
+            "Latency of idempotency store operations (claim, renew, complete, release), by store."
+        );
+        describe_histogram!(
+            WAIT_SECONDS,
+            Unit::Seconds,
+            "Time a duplicate of an in-flight request spent waiting for its response (`wait`)."
+        );
+        describe_counter!(
+            RENEWALS,
+            Unit::Count,
+            "Leases renewed while a slow handler ran, by handler."
+        );
+        describe_counter!(
+            LEASES_LOST,
+            Unit::Count,
+            "Fenced store operations refused because the request no longer owned its key, by handler and operation."
+        );
+        describe_counter!(
+            STORE_ERRORS,
+            Unit::Count,
+            "Idempotency store operations that failed or timed out, by operation and store."
+        );
+        describe_counter!(
+            TOO_LARGE,
+            Unit::Count,
+            "Responses sent but not stored because they were larger than max_response, by handler."
+        );
+        describe_counter!(
+            SWEPT,
+            Unit::Count,
+            "Expired records deleted by a store's sweeper, by store."
+        );
+    });
+}
+
+/// Counts one idempotent request's final outcome.
+pub(crate) fn request(handler: &'static str, outcome: Outcome) {
+    describe();
+    counter!(REQUESTS, "handler" => handler, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Runs one store operation, recording its latency, and counting it when it fails.
+pub(crate) async fn timed<T>(
+    op: Op,
+    store: &'static str,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    describe();
+    let started = Instant::now();
+    let result = call.await;
+    histogram!(STORE_SECONDS, "op" => op.as_str(), "store" => store)
+        .record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        counter!(STORE_ERRORS, "op" => op.as_str(), "store" => store).increment(1);
+    }
+    result
+}
+
+/// Records how long a duplicate waited for an in-flight request.
+pub(crate) fn waited(handler: &'static str, took: Duration) {
+    describe();
+    histogram!(WAIT_SECONDS, "handler" => handler).record(took.as_secs_f64());
+}
+
+/// Counts one lease renewed.
+pub(crate) fn renewed(handler: &'static str) {
+    describe();
+    counter!(RENEWALS, "handler" => handler).increment(1);
+}
+
+/// Counts one fenced operation the store refused: the lease was lost.
+pub(crate) fn lease_lost(handler: &'static str, op: Op) {
+    describe();
+    counter!(LEASES_LOST, "handler" => handler, "op" => op.as_str()).increment(1);
+}
+
+/// Counts one response too large to store.
+pub(crate) fn too_large(handler: &'static str) {
+    describe();
+    counter!(TOO_LARGE, "handler" => handler).increment(1);
+}
+
+/// Counts the records a sweep deleted.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn swept(store: &'static str, records: u64) {
+    describe();
+    counter!(SWEPT, "store" => store).increment(records);
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    /// Every helper emits under its documented name and labels, through a recorder local to the
+    /// test.
+    #[test]
+    fn names_and_labels() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            request("pay", Outcome::Replayed);
+            request("pay", Outcome::Replayed);
+            renewed("pay");
+            lease_lost("pay", Op::Complete);
+            too_large("pay");
+            swept("postgres", 7);
+            waited("pay", Duration::from_millis(20));
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let _ = timed(Op::Claim, "memory", async { Ok::<_, StoreError>(()) }).await;
+                let _ = timed(Op::Release, "memory", async {
+                    Err::<(), _>(StoreError::Timeout(Duration::from_millis(1)))
+                })
+                .await;
+            });
+        });
+        let snapshot = snapshotter.snapshot().into_vec();
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            snapshot
+                .iter()
+                .find(|(key, _, _, _)| {
+                    let key = key.key();
+                    key.name() == name
+                        && labels
+                            .iter()
+                            .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+                })
+                .map(|(_, _, _, value)| value)
+                .unwrap_or_else(|| panic!("{name} {labels:?} in {snapshot:?}"))
+        };
+        assert_eq!(
+            find(REQUESTS, &[("handler", "pay"), ("outcome", "replayed")]),
+            &DebugValue::Counter(2)
+        );
+        assert_eq!(
+            find(RENEWALS, &[("handler", "pay")]),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            find(LEASES_LOST, &[("handler", "pay"), ("op", "complete")]),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            find(TOO_LARGE, &[("handler", "pay")]),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            find(SWEPT, &[("store", "postgres")]),
+            &DebugValue::Counter(7)
+        );
+        assert!(matches!(
+            find(WAIT_SECONDS, &[("handler", "pay")]),
+            DebugValue::Histogram(v) if v.len() == 1
+        ));
+        assert!(matches!(
+            find(STORE_SECONDS, &[("op", "claim"), ("store", "memory")]),
+            DebugValue::Histogram(v) if v.len() == 1
+        ));
+        assert_eq!(
+            find(STORE_ERRORS, &[("op", "release"), ("store", "memory")]),
+            &DebugValue::Counter(1)
+        );
+    }
+}
