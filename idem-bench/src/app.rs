@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 
 /// The lease the hand-written floor claims a key for (the library's default).
 const FLOOR_LEASE_MS: u64 = 30_000;
+/// The memory store's capacity in the bench: room for every record of a run.
+const MEMORY_CAPACITY: usize = 12 * 1024 * 1024 * 1024;
 /// The record TTL, in the floor and in `#[idempotent(ttl = "24h")]`.
 const TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -396,7 +398,9 @@ pub(crate) fn start(cfg: &AppConfig) -> Result<Server, String> {
         .lanes(cfg.lanes)
         .build();
     let redis_idem = Idempotency::new(store);
-    let memory_idem = Idempotency::new(MemoryStore::new());
+    // Every unique-key request of every round stays stored for the rows' 24 h ttl: millions of
+    // records in a run, past the default capacity (256 MiB), which would answer 503 to new keys.
+    let memory_idem = Idempotency::new(MemoryStore::with_capacity(MEMORY_CAPACITY));
     let shared = Setup::Shared(Arc::new(tokio::sync::OnceCell::new()), client.clone());
 
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;

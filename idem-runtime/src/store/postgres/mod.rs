@@ -55,7 +55,7 @@ use crate::{
 /// A row holds the record's address (the 32-byte digest of scope and key), the request
 /// fingerprint, the state (`pending` or `completed`), the owner token while pending, one deadline
 /// `expires_at` (the lease while pending, the ttl once completed) and, once completed, the response
-/// in the same versioned binary encoding the Redis stores keep (see [`crate::record`]): one format
+/// in the same versioned binary encoding the Redis stores keep (the private `record` module): one format
 /// to evolve, decoded with the same checks, and no migration when the response format grows.
 ///
 /// # Round trips and clocks
