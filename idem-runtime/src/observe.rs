@@ -8,12 +8,15 @@
 //! [`Store::kind`]: crate::Store::kind
 
 use std::{
+    cell::RefCell,
     future::Future,
     sync::Once,
     time::{Duration, Instant},
 };
 
-use metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_histogram, histogram, Key, Label, Level, Metadata, Unit,
+};
 
 use crate::{lifecycle::Outcome, store::StoreError};
 
@@ -93,9 +96,62 @@ fn describe() {
 }
 
 /// Counts one idempotent request's final outcome.
+/// What the `metrics` macros would give the recorder.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+type Labels = [(&'static str, &'static str); 2];
+
+thread_local! {
+    /// The keys of the per-request metrics, built once per thread and label set (handlers ×
+    /// outcomes, operations × stores: a small, bounded set). The macros would allocate the
+    /// labels and hash the key again on every emission; the recorder is still asked for the
+    /// metric each time, so a recorder installed at any moment sees every emission after it.
+    static KEYS: RefCell<Vec<(&'static str, Labels, Key)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn same(a: &'static str, b: &'static str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
+/// Runs `f` with the key of `name` and `labels`, built on the first use in this thread.
+fn with_key<T>(name: &'static str, labels: Labels, f: impl FnOnce(&Key) -> T) -> T {
+    KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        let found = keys.iter().position(|(n, l, _)| {
+            same(n, name)
+                && same(l[0].0, labels[0].0)
+                && same(l[0].1, labels[0].1)
+                && same(l[1].0, labels[1].0)
+                && same(l[1].1, labels[1].1)
+        });
+        let i = found.unwrap_or_else(|| {
+            let key = Key::from_parts(
+                name,
+                labels
+                    .iter()
+                    .map(|(k, v)| Label::from_static_parts(k, v))
+                    .collect::<Vec<_>>(),
+            );
+            keys.push((name, labels, key));
+            keys.len() - 1
+        });
+        f(&keys[i].2)
+    })
+}
+
+fn increment(name: &'static str, labels: Labels) {
+    with_key(name, labels, |key| {
+        metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
+    });
+}
+
 pub(crate) fn request(handler: &'static str, outcome: Outcome) {
     describe();
-    counter!(REQUESTS, "handler" => handler, "outcome" => outcome.as_str()).increment(1);
+    increment(
+        REQUESTS,
+        [("handler", handler), ("outcome", outcome.as_str())],
+    );
 }
 
 /// Runs one store operation, recording its latency, and counting it when it fails.
@@ -107,10 +163,13 @@ pub(crate) async fn timed<T>(
     describe();
     let started = Instant::now();
     let result = call.await;
-    histogram!(STORE_SECONDS, "op" => op.as_str(), "store" => store)
-        .record(started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    let labels = [("op", op.as_str()), ("store", store)];
+    with_key(STORE_SECONDS, labels, |key| {
+        metrics::with_recorder(|r| r.register_histogram(key, &METADATA)).record(seconds);
+    });
     if result.is_err() {
-        counter!(STORE_ERRORS, "op" => op.as_str(), "store" => store).increment(1);
+        increment(STORE_ERRORS, labels);
     }
     result
 }
