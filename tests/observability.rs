@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{example_binary, post, raw_request, RawResponse};
-use idem_testkit::free_port;
+use common::{post, raw_request, RawResponse};
+use idem_testkit::{example_binary, free_port, wait_until_listening};
 
 /// One `payments` process on the in-memory store, killed when dropped.
 struct Payments {
@@ -37,17 +37,7 @@ impl Payments {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
         let mut payments = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = payments.child.try_wait() {
-                panic!("the payments example exited with {status} before it listened on {addr}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the payments example did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_listening(&mut payments.child, addr, "payments example");
         payments
     }
 

@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_every_key_expires_within, example_binary, post, raw_request, RawResponse};
-use idem_testkit::{free_port, RedisServer};
+use common::{assert_every_key_expires_within, post, raw_request, RawResponse};
+use idem_testkit::{example_binary, free_port, wait_until_listening, RedisServer};
 
 const LEASE: Duration = Duration::from_secs(1);
 const TTL: Duration = Duration::from_secs(60);
@@ -46,17 +46,7 @@ impl Orders {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
         let mut orders = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = orders.child.try_wait() {
-                panic!("the orders example exited with {status} before it listened on {addr}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the orders example did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_listening(&mut orders.child, addr, "orders example");
         orders
     }
 

@@ -581,7 +581,8 @@ mod compressed {
 
     use idem_testkit::free_port;
 
-    use crate::common::{example_binary, raw_request, try_request};
+    use crate::common::{raw_request, try_request};
+    use idem_testkit::example_binary;
 
     /// How much the bomb inflates to, in MiB.
     const INFLATED_MIB: usize = 1000;

@@ -28,8 +28,9 @@ use std::{
 };
 
 use actix_web::{web, HttpResponse};
-use common::{example_binary, post, raw_request, try_request, RawResponse, TestServer};
+use common::{post, raw_request, try_request, RawResponse, TestServer};
 use idem::{Idempotency, RedisStore, StoreError};
+use idem_testkit::example_binary;
 use idem_testkit::{free_port, RedisServer};
 
 /// An example app as a child process, its log in a file; SIGKILLed when dropped.

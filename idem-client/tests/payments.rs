@@ -18,8 +18,9 @@ use std::{
 use futures_util::{stream, StreamExt};
 use idem_client::{IdempotencyError, IdempotencyMiddleware, KeyFormat, ResponseExt, RetryPolicy};
 use idem_testkit::{
-    free_port,
+    example_binary, free_port,
     proxy::{Fault, FaultPlan, FaultProxy},
+    wait_until_listening,
 };
 use reqwest::StatusCode;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
@@ -29,26 +30,6 @@ const PAYMENTS: usize = 1000;
 const CONCURRENCY: usize = 32;
 /// The client's per-attempt timeout; a delayed response is held longer than this, so it is lost.
 const TIMEOUT: Duration = Duration::from_millis(400);
-
-/// The binary of example `name`, next to the running test: `cargo test` puts test binaries in
-/// `target/<profile>/deps/` and example binaries in `target/<profile>/examples/`.
-fn example_binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let path = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "the `{name}` example is not built: {} is missing. Build it with `cargo build --examples` \
-         (scripts/test.sh does this before `cargo test`)",
-        path.display()
-    );
-    path
-}
 
 /// One `payments` process on the in-memory store, killed when dropped.
 struct Payments {
@@ -79,17 +60,7 @@ impl Payments {
             addr,
             direct: reqwest::Client::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = payments.child.try_wait() {
-                panic!("the payments example exited with {status} before it listened on {addr}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the payments example did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_listening(&mut payments.child, addr, "payments example");
         payments
     }
 

@@ -295,6 +295,50 @@ pub fn command_stats(info: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The binary of example `name`, built next to the running test: `cargo test` puts test binaries
+/// in `target/<profile>/deps/` and example binaries in `target/<profile>/examples/`.
+///
+/// # Panics
+///
+/// When it is not there, with the command that builds it.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let path = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "the `{name}` example is not built: {} is missing. Build it with `cargo build --examples` \
+         (scripts/test.sh does this before `cargo test`; `cargo test --all-targets` alone builds \
+         examples only as test harnesses)",
+        path.display()
+    );
+    path
+}
+
+/// Waits (at most 20 s) until the child process `what` accepts connections on `addr`.
+///
+/// # Panics
+///
+/// When the child exits first, or does not listen in time.
+pub fn wait_until_listening(child: &mut Child, addr: std::net::SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the {what} exited with {status} before it listened on {addr}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {what} did not listen on {addr}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,28 +348,3 @@ where
         tokio::time::sleep(every).await;
     }
 }
-
-/// The binary of example `name`, built next to the running test: `cargo test` puts test binaries
-/// in `target/<profile>/deps/` and example binaries in `target/<profile>/examples/`.
-///
-/// # Panics
-///
-/// When it is not there, with the command that builds it.
-pub fn example_binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let path = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "the `{name}` example is not built: {} is missing. Build it with `cargo build --examples` \
-         (scripts/test.sh does this before `cargo test`; `cargo test --all-targets` alone builds \
-         examples only as test harnesses)",
-        path.display()
-    );
-    path
-}
