@@ -10,7 +10,7 @@
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
-//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
+//!   `postgres` feature, `PostgresStore`, its builder, `InvalidTableName` and `SchemaMismatch`, and the
 //!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
@@ -72,6 +72,7 @@ pub use sqlx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{
     InvalidTableName, PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder,
+    SchemaMismatch,
 };
 
 pub use crate::{
