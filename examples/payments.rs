@@ -507,6 +507,8 @@ mod db {
         let pool = store.pool().clone();
         let idempotency =
             Idempotency::new(store).scope_resolver(|req| client_of(req).map(ScopeId::new));
+        // The transactional handler needs the records in this PostgresStore: checked at start.
+        idempotency.check_transactional().map_err(|e| io(&e))?;
         Ok((idempotency, Database(Some(pool)), true))
     }
 

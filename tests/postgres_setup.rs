@@ -1,19 +1,25 @@
 //! Mistakes of setup found at start, not by every request: a table of another shape than the
-//! Postgres store needs (`migrate`, `verify_schema`, and the `payments` example, which stops).
+//! Postgres store needs (`migrate`, `verify_schema`, and the `payments` example, which stops), and
+//! the transactional mode over a store that is not a `PostgresStore` (`check_transactional`, and
+//! the generic 500 a request meets when the app did not check).
 
 #![cfg(feature = "postgres")]
 
 mod common;
 
 use std::{
-    io::Read as _,
+    io::{Read as _, Write},
     net::SocketAddr,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use common::post as post_request;
-use idem::{PostgresStore, SchemaMismatch, StoreError};
+use actix_web::{post, HttpResponse};
+use common::{post as post_request, send, TestServer};
+use idem::{
+    idempotent, Idempotency, MemoryStore, PgTransaction, PostgresStore, SchemaMismatch, StoreError,
+};
 use idem_testkit::{example_binary, free_port, postgres::PostgresServer};
 
 /// The table of the 0.1 schema without its `response` column: what `CREATE TABLE IF NOT EXISTS`
@@ -216,4 +222,99 @@ fn the_payments_example_stops_at_start_on_a_table_of_another_shape() {
     for expected in ["column `response` is missing", "PostgresStore::migrate()"] {
         assert!(stderr.contains(expected), "{expected:?} not in: {stderr}");
     }
+}
+
+/// A log sink shared with the server's worker threads.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[post("/orders")]
+#[idempotent(scope = idem::Unscoped)]
+async fn create_order(mut tx: PgTransaction) -> actix_web::Result<HttpResponse> {
+    drop(tx.acquire().await?);
+    Ok(HttpResponse::Created().finish())
+}
+
+/// The transactional mode over a `MemoryStore`: `check_transactional` refuses it at start; an
+/// app that did not check answers its callers a generic 500 problem that names nothing of its
+/// configuration, and logs the fix once.
+#[actix_rt::test]
+async fn the_transactional_mode_without_a_postgres_store_is_found_at_start() {
+    let lazy = PostgresStore::from_url("postgres://app@127.0.0.1:1/app").expect("store");
+    Idempotency::new(lazy)
+        .check_transactional()
+        .expect("a PostgresStore is transactional");
+    let memory = Idempotency::new(MemoryStore::new());
+    let refused = memory.check_transactional().expect_err("a MemoryStore");
+    assert!(
+        refused
+            .to_string()
+            .contains("needs the app's idempotency store to be a PostgresStore"),
+        "{refused}"
+    );
+
+    let logs = Logs::default();
+    let sink = logs.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish(),
+    )
+    .expect("the only subscriber of this test binary");
+    let server = TestServer::start(memory, |cfg| {
+        cfg.service(create_order);
+    });
+    for i in 0..3 {
+        let resp = send(
+            server.addr,
+            post_request("/orders", &[("Idempotency-Key", &format!("k{i}"))], b"{}"),
+        )
+        .await;
+        assert_eq!(resp.status, 500);
+        assert_eq!(
+            resp.header("content-type"),
+            Some("application/problem+json")
+        );
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).expect("problem");
+        assert_eq!(problem["type"], "https://idem.dev/problems/misconfigured");
+        assert_eq!(
+            problem["detail"],
+            "The server is not configured for idempotent requests."
+        );
+        let body = String::from_utf8_lossy(&resp.body);
+        for internal in [
+            "PostgresStore",
+            "PgTransaction",
+            "idem::",
+            "from_url",
+            "app_data",
+        ] {
+            assert!(
+                !body.contains(internal),
+                "{internal:?} sent to the caller: {body}"
+            );
+        }
+    }
+    let logged = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    assert_eq!(
+        logged
+            .matches("PgTransaction needs the app's idempotency store to be a PostgresStore")
+            .count(),
+        1,
+        "{logged}"
+    );
 }

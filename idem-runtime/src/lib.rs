@@ -11,7 +11,8 @@
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
 //!   `postgres` feature, `PostgresStore`, its builder, `InvalidTableName` and `SchemaMismatch`, and the
-//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
+//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard` and
+//!   `NotTransactional`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
@@ -71,8 +72,8 @@ pub use deadpool_redis::redis;
 pub use sqlx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{
-    InvalidTableName, PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder,
-    SchemaMismatch,
+    InvalidTableName, NotTransactional, PgTransaction, PgTransactionGuard, PostgresStore,
+    PostgresStoreBuilder, SchemaMismatch,
 };
 
 pub use crate::{

@@ -24,7 +24,7 @@ mod verify;
 pub use self::sql::InvalidTableName;
 use self::sql::{sql_millis, Statements, TableName, EXPECTED, MIGRATE_TIMEOUT};
 pub(crate) use self::transaction::RequestTransaction;
-pub use self::transaction::{PgTransaction, PgTransactionGuard};
+pub use self::transaction::{NotTransactional, PgTransaction, PgTransactionGuard};
 use self::verify::Found;
 pub use self::verify::SchemaMismatch;
 use super::{Ownership, Store, StoreError, Ticket};
