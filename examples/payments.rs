@@ -129,12 +129,22 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> HttpRes
         }))
 }
 
+/// The largest amount: what every store of the example holds exactly (Postgres `bigint`), so that
+/// the 201 and the stored payment always agree.
+const MAX_AMOUNT: u64 = i64::MAX as u64;
+/// The longest `destination`, in characters.
+const MAX_DESTINATION: usize = 128;
+
+/// The payment's fields, or why they are refused (a 400, the same in every mode: a value one
+/// store cannot hold, such as a NUL character in Postgres `text`, is refused by all of them).
 fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
     let amount = body
         .amount
         .as_u64()
-        .filter(|a| *a > 0)
-        .ok_or("`amount` must be a positive integer (minor units)")?;
+        .filter(|a| (1..=MAX_AMOUNT).contains(a))
+        .ok_or_else(|| {
+            format!("`amount` must be a positive integer (minor units) of at most {MAX_AMOUNT}")
+        })?;
     let currency = body
         .currency
         .as_str()
@@ -143,8 +153,17 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
     let destination = body
         .destination
         .as_str()
-        .filter(|d| !d.is_empty())
-        .ok_or("`destination` must be a non-empty string")?;
+        .filter(|d| {
+            !d.is_empty()
+                && d.chars().count() <= MAX_DESTINATION
+                && !d.chars().any(char::is_control)
+        })
+        .ok_or_else(|| {
+            format!(
+                "`destination` must be a non-empty string of at most {MAX_DESTINATION} \
+                 characters, without control characters"
+            )
+        })?;
     Ok((amount, currency.to_owned(), destination.to_owned()))
 }
 
@@ -507,6 +526,8 @@ mod db {
         let pool = store.pool().clone();
         let idempotency =
             Idempotency::new(store).scope_resolver(|req| client_of(req).map(ScopeId::new));
+        // The transactional handler needs the records in this PostgresStore: checked at start.
+        idempotency.check_transactional().map_err(|e| io(&e))?;
         Ok((idempotency, Database(Some(pool)), true))
     }
 
@@ -525,7 +546,8 @@ mod db {
         .bind(&p.id)
         .bind(client)
         .bind(key)
-        .bind(i64::try_from(p.amount).unwrap_or(i64::MAX))
+        // `validate` bounds the amount: a value out of range is an error, never a clamped row.
+        .bind(i64::try_from(p.amount).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
         .bind(&p.currency)
         .bind(&p.destination)
         .bind(&p.status)

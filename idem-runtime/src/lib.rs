@@ -10,8 +10,9 @@
 //! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
-//!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
-//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
+//!   `postgres` feature, `PostgresStore`, its builder, `InvalidTableName` and `SchemaMismatch`, and the
+//!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard` and
+//!   `NotTransactional`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
@@ -71,7 +72,8 @@ pub use deadpool_redis::redis;
 pub use sqlx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{
-    InvalidTableName, PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder,
+    InvalidTableName, NotTransactional, PgTransaction, PgTransactionGuard, PostgresStore,
+    PostgresStoreBuilder, SchemaMismatch,
 };
 
 pub use crate::{

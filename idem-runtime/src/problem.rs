@@ -51,14 +51,9 @@ pub(crate) enum Problem {
     },
     /// 400: the request body could not be read.
     BadBody,
-    /// 500: the app is misconfigured (for example, no store registered).
+    /// 500: the app is misconfigured (for example, no store registered). The fix is logged;
+    /// the caller learns nothing of the app's configuration.
     Misconfigured,
-    /// 500: the app is misconfigured in a way only its developer can fix, named in the detail
-    /// (for example, a `PgTransaction` over a store that is not a `PostgresStore`).
-    MisconfiguredFix {
-        /// What to change.
-        fix: &'static str,
-    },
 }
 
 #[derive(Serialize)]
@@ -81,7 +76,7 @@ impl Problem {
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
-            Self::Misconfigured | Self::MisconfiguredFix { .. } => "misconfigured",
+            Self::Misconfigured => "misconfigured",
         }
     }
 
@@ -100,9 +95,7 @@ impl Problem {
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Misconfigured | Self::MisconfiguredFix { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -115,7 +108,7 @@ impl Problem {
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
-            Self::Misconfigured | Self::MisconfiguredFix { .. } => "Idempotency misconfigured",
+            Self::Misconfigured => "Idempotency misconfigured",
         }
     }
 
@@ -133,7 +126,6 @@ impl Problem {
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
-            Self::MisconfiguredFix { fix } => (*fix).to_owned(),
         }
     }
 

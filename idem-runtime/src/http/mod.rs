@@ -320,16 +320,11 @@ async fn execute(
         }
         Ok((_, Collected::TooLarge(..))) if txn.is_begun() => {
             // Its writes are rolled back with the release: the response must not claim them.
-            tracing::error!(
-                max_response,
-                "the response is larger than max_response: its transaction is rolled back, key released"
-            );
+            // The fix is the app's, so it goes to the log, not to the caller.
+            tracing::error!(max_response, "{TOO_LARGE_IN_TRANSACTION}; key released");
             let outcome = owned.settle(Settlement::Unstorable, txn.completion()).await;
             record(name, outcome);
-            return Problem::MisconfiguredFix {
-                fix: TOO_LARGE_IN_TRANSACTION,
-            }
-            .to_response();
+            return Problem::Misconfigured.to_response();
         }
         Ok((resp, Collected::TooLarge(head, rest))) => {
             observe::too_large(name);

@@ -12,18 +12,21 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions, PgRow},
-    PgPool, Row as _,
+    Executor as _, PgPool, Row as _,
 };
 use tokio::sync::oneshot;
 
 mod sql;
 mod sweep;
 mod transaction;
+mod verify;
 
 pub use self::sql::InvalidTableName;
-use self::sql::{sql_millis, Statements, TableName, MIGRATE_TIMEOUT};
+use self::sql::{sql_millis, Statements, TableName, EXPECTED, MIGRATE_TIMEOUT};
 pub(crate) use self::transaction::RequestTransaction;
-pub use self::transaction::{PgTransaction, PgTransactionGuard};
+pub use self::transaction::{NotTransactional, PgTransaction, PgTransactionGuard};
+use self::verify::Found;
+pub use self::verify::SchemaMismatch;
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
     fingerprint::Fingerprint,
@@ -48,9 +51,19 @@ use crate::{
 /// # Schema
 ///
 /// [`PostgresStore::migrate`] creates the table, its expiry index and the claim function if they
-/// are missing, under an advisory lock so that instances starting together do not race. Teams that
-/// run their own migrations apply `idem-runtime/src/store/postgres/schema.sql` instead (the same
-/// SQL, also given by [`PostgresStore::schema_sql`] for a configured table name).
+/// are missing, under an advisory lock so that instances starting together do not race, then
+/// checks what it finds: a table of another shape (made by something else: a column missing or
+/// of another type) fails `migrate` with a [`SchemaMismatch`] naming the difference and the fix,
+/// instead of an app that starts and answers every request 503. Teams that run their own
+/// migrations apply `idem-runtime/src/store/postgres/schema.sql` instead (the same SQL, also
+/// given by [`PostgresStore::schema_sql`] for a configured table name) and call
+/// [`PostgresStore::verify_schema`] at start.
+///
+/// The schema has a version, kept in the table's comment (`idem schema 1`) and raised by the
+/// schema SQL when a release adds a migration step. Steps only add (a column with a default, a
+/// function), so a build accepts a table of a newer version, and `migrate` of an older build
+/// leaves a newer table as it is: instances of two releases can share a table during a rolling
+/// upgrade or a rollback.
 ///
 /// A row holds the record's address (the 32-byte digest of scope and key), the request
 /// fingerprint, the state (`pending` or `completed`), the owner token while pending, one deadline
@@ -270,23 +283,64 @@ impl PostgresStore {
         &self.inner.sql.schema
     }
 
-    /// Creates the table, its index and the claim function where missing, in one transaction
-    /// (one round trip) under an advisory lock: several instances may call it at once. Waits up to 30 s (or the
-    /// store timeout, if longer) for the lock and the statements.
+    /// Creates the table, its index and the claim function where missing, then checks the
+    /// table as [`PostgresStore::verify_schema`] does, in one transaction under an advisory lock:
+    /// several instances may call it at once, and a table that fails the check is left as it
+    /// was. A table of a newer schema version (a later release migrated it) is only checked.
+    /// Waits up to 30 s (or the store timeout, if longer) for the lock and the statements.
     ///
     /// # Errors
     ///
     /// [`StoreError::Unavailable`] when the database fails or refuses (for example, the user may
-    /// not create tables), [`StoreError::Timeout`] when it takes longer than the bound above.
+    /// not create tables), or wrapping a [`SchemaMismatch`] when an existing table is of another
+    /// shape (its message names the difference and the fix); [`StoreError::Timeout`] when it
+    /// takes longer than the bound above.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let timeout = self.inner.timeout.max(MIGRATE_TIMEOUT);
-        // One simple-protocol message: Postgres runs its statements as one transaction, so the
-        // transaction-scoped lock taken first is held until every statement is done.
-        let run = sqlx::raw_sql(&self.inner.sql.migrate).execute(&self.inner.pool);
+        let sql = &self.inner.sql;
+        let run = async {
+            let mut txn = self.inner.pool.begin().await?;
+            // Statements without parameters go as one simple-protocol message each (several
+            // statements in one), through `Executor`'s boxed futures, which keep this one `Send`.
+            // The transaction-scoped lock is held until the commit or rollback.
+            txn.execute(sql.migrate_lock.as_str()).await?;
+            if Found::read(&mut txn, sql).await?.version() <= EXPECTED.version {
+                txn.execute(sql.schema.as_str()).await?;
+            }
+            let found = Found::read(&mut txn, sql).await?;
+            match found.check(&self.table(), &sql.inspect_args.1) {
+                Ok(()) => txn.commit().await.map(|()| Ok(())),
+                Err(mismatch) => txn.rollback().await.map(|()| Err(mismatch)),
+            }
+        };
         match tokio::time::timeout(timeout, run).await {
-            Ok(result) => result.map(|_| ()).map_err(|e| map_err(e, timeout)),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(mismatch))) => Err(StoreError::Unavailable(Box::new(mismatch))),
+            Ok(Err(e)) => Err(map_err(e, timeout)),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
+    }
+
+    /// Checks that the table is what this version of idem needs, without changing anything: for
+    /// teams that apply `schema.sql` with their own migrations, to call at start. It reads the
+    /// catalog: the table's columns and their types, its key, the claim function, and the schema
+    /// version in the table's comment (older than this build's is refused, newer is accepted).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] wrapping a [`SchemaMismatch`] (its message names what differs
+    /// and the fix) when the table is missing or of another shape or version, or when the
+    /// database fails; [`StoreError::Timeout`] when it does not answer within the store timeout.
+    pub async fn verify_schema(&self) -> Result<(), StoreError> {
+        let found = self
+            .bounded(async {
+                let mut conn = self.inner.pool.acquire().await?;
+                Found::read(&mut conn, &self.inner.sql).await
+            })
+            .await?;
+        found
+            .check(&self.table(), &self.inner.sql.inspect_args.1)
+            .map_err(|mismatch| StoreError::Unavailable(Box::new(mismatch)))
     }
 
     /// Runs `query` within the store timeout, mapping its errors.

@@ -4,6 +4,14 @@
 -- by the configured table's: "idem_records" (the table, schema-qualified if configured),
 -- "idem_records_expires_at" (its expiry index) and "idem_records_claim" (the claim function, in
 -- the table's schema). Run it again after upgrading idem: every statement is idempotent.
+--
+-- The table's comment holds its schema version ('idem schema <n>'), set by the last statement
+-- below: `PostgresStore::migrate` and `PostgresStore::verify_schema` refuse a table whose version
+-- is older than the one this build needs, or that lacks a column, the unique key or the claim
+-- function. Migration steps only add (a column with a default, a function), so a build accepts
+-- a table of a newer version, and instances of the previous release keep working during a
+-- rolling upgrade. A step added to this file bumps `wanted` in the last statement (and
+-- `SCHEMA_VERSION` in sql.rs: a unit test checks that they agree).
 
 -- One row per record, addressed by the SHA-256 digest of (scope, key).
 CREATE TABLE IF NOT EXISTS "idem_records" (
@@ -106,5 +114,21 @@ BEGIN
                 USING ERRCODE = '40001';
         END IF;
     END LOOP;
+END
+$$;
+
+-- The schema version, in the table's comment; never lowered (a newer release's table keeps its).
+DO $$
+DECLARE
+    wanted constant integer := 1;
+    found_version integer := coalesce(
+        substring(obj_description('"idem_records"'::regclass, 'pg_class')
+                  FROM '^idem schema ([0-9]+)$')::integer,
+        0);
+BEGIN
+    IF found_version < wanted THEN
+        EXECUTE format('COMMENT ON TABLE %s IS %L', '"idem_records"'::regclass,
+                       'idem schema ' || wanted);
+    END IF;
 END
 $$;

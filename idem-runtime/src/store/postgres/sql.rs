@@ -18,6 +18,37 @@ pub(super) const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The schema, for the default table.
 const SCHEMA: &str = include_str!("schema.sql");
 
+/// What this build needs of the table, in one place: the schema version [`SCHEMA`] writes into
+/// the table's comment (its last statement's `wanted`), and the columns the statements name.
+/// A migration step added to [`SCHEMA`] bumps `version` (both here and there) and, when it adds
+/// a column the statements use, adds one line to `columns`.
+pub(super) const EXPECTED: ExpectedSchema = ExpectedSchema {
+    version: 1,
+    columns: &[
+        ("key", "bytea"),
+        ("fingerprint", "bytea"),
+        ("state", "text"),
+        ("owner", "bytea"),
+        ("expires_at", "timestamp with time zone"),
+        ("response", "bytea"),
+    ],
+    claim_args: "bytea,bytea,bytea,bigint",
+};
+
+/// The shape of the table and claim function a build needs (see [`EXPECTED`]).
+#[derive(Debug)]
+pub(super) struct ExpectedSchema {
+    /// The schema version, `n` in the table comment `idem schema <n>`.
+    pub(super) version: u32,
+    /// Each column the statements name, with its type as `format_type` spells it.
+    pub(super) columns: &'static [(&'static str, &'static str)],
+    /// The claim function's argument types.
+    pub(super) claim_args: &'static str,
+}
+
+/// The prefix of the table comment that holds the schema version.
+pub(super) const VERSION_MARKER: &str = "idem schema ";
+
 /// A table name that is not one or two plain identifiers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -100,8 +131,15 @@ pub(super) struct Statements {
     pub(super) release: String,
     pub(super) sweep: String,
     pub(super) schema: String,
-    /// The schema after the advisory lock.
-    pub(super) migrate: String,
+    /// What `migrate` runs first, in its transaction: its statement timeout and advisory lock.
+    pub(super) migrate_lock: String,
+    /// The catalog's view of the table and the claim function (`$1` the table, `$2` the claim
+    /// function's signature, each as `to_regclass`/`to_regprocedure` read them): whether the
+    /// table exists, its comment, its columns and their types, whether `key` alone is unique,
+    /// whether the claim function exists.
+    pub(super) inspect: String,
+    /// `$1` and `$2` of [`Statements::inspect`].
+    pub(super) inspect_args: (String, String),
 }
 
 impl Statements {
@@ -131,14 +169,36 @@ impl Statements {
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AND expires_at < now()"
             ),
             schema: table.schema_sql(),
-            migrate: format!(
-                "SET LOCAL statement_timeout = '{}ms';\nSELECT pg_advisory_xact_lock({MIGRATE_LOCK});\n{}",
+            migrate_lock: format!(
+                "SET LOCAL statement_timeout = '{}ms';\nSELECT pg_advisory_xact_lock({MIGRATE_LOCK});",
                 MIGRATE_TIMEOUT.as_millis(),
-                table.schema_sql()
+            ),
+            inspect: INSPECT.to_owned(),
+            inspect_args: (
+                t.clone(),
+                format!("{}({})", table.qualified("_claim"), EXPECTED.claim_args),
             ),
         }
     }
 }
+
+/// See [`Statements::inspect`].
+const INSPECT: &str = "\
+SELECT rel IS NOT NULL AS exists,
+       obj_description(rel, 'pg_class') AS comment,
+       coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                  WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped),
+                '{}') AS columns,
+       coalesce((SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
+                   FROM pg_attribute a
+                  WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped),
+                '{}') AS types,
+       EXISTS (SELECT 1 FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                WHERE i.indrelid = rel AND i.indisunique AND i.indnatts = 1
+                  AND i.indpred IS NULL AND a.attname = 'key') AS key_unique,
+       to_regprocedure($2) IS NOT NULL AS claim
+  FROM (SELECT to_regclass($1) AS rel) t";
 
 /// A duration as the milliseconds a statement takes: at least 1, at most 100 years.
 pub(super) fn sql_millis(d: Duration) -> i64 {
@@ -208,6 +268,23 @@ mod tests {
         for sql in [&statements.renew, &statements.complete, &statements.release] {
             assert!(sql.contains("\"app\".\"records\""), "{sql}");
             assert!(sql.contains("owner = $2 AND fingerprint = $3 AND expires_at > now()"));
+        }
+    }
+
+    #[test]
+    fn the_schema_file_sets_the_expected_version() {
+        let marker = format!("wanted constant integer := {};", EXPECTED.version);
+        assert_eq!(
+            SCHEMA.matches(&marker).count(),
+            1,
+            "{marker} not in schema.sql"
+        );
+        assert!(SCHEMA.contains(&format!("'{VERSION_MARKER}' || wanted")));
+        for (column, _) in EXPECTED.columns {
+            assert!(
+                SCHEMA.contains(&format!("\n    {column} ")),
+                "schema.sql has no column {column}"
+            );
         }
     }
 

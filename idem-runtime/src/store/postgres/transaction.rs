@@ -88,8 +88,11 @@ use crate::{
 /// commits it with the record, or not at all.
 ///
 /// It is only available in `#[idempotent]` handlers of an app whose store is a [`PostgresStore`]
-/// (registered with `Idempotency::new`): anywhere else the extractor answers `500`
-/// `misconfigured` with the fix, and logs it once.
+/// (registered with `Idempotency::new`). Check that at start with
+/// [`Idempotency::check_transactional`], so that an app configured with another store (a
+/// `REDIS_URL` left set, a test's `MemoryStore`) does not start. A request that meets the
+/// extractor anyway gets a generic `500` `misconfigured` problem, which names nothing of the
+/// app's configuration; the fix is logged (once per process) at the `error` level.
 pub struct PgTransaction {
     shared: Arc<Shared>,
 }
@@ -197,7 +200,18 @@ impl FromRequest for PgTransaction {
     }
 }
 
-/// Why a request has no transaction: the fix, as a 500 problem, logged once per process.
+/// The fix when the app registered no idempotency store.
+const NO_STORE: &str = "idem::PgTransaction needs an idempotency store: register one with \
+     `App::new().app_data(idem::Idempotency::new(idem::PostgresStore::from_url(url)?))`";
+
+/// The fix when the app's store is not a [`PostgresStore`].
+const NOT_POSTGRES: &str = "idem::PgTransaction needs the app's idempotency store to be a \
+     PostgresStore (the record is completed in the handler's transaction): register \
+     `idem::Idempotency::new(idem::PostgresStore::from_url(url)?)`, or write through your own \
+     pool without the transactional mode";
+
+/// Why a request has no transaction: the fix, logged once per process, and a generic 500
+/// problem for the caller (the fix is about the app's configuration, not the request).
 fn unavailable_here(req: &HttpRequest) -> actix_web::Error {
     static LOGGED: [AtomicBool; 3] = [
         AtomicBool::new(false),
@@ -205,18 +219,8 @@ fn unavailable_here(req: &HttpRequest) -> actix_web::Error {
         AtomicBool::new(false),
     ];
     let (which, fix) = match Idempotency::registered(req) {
-        None => (
-            0,
-            "idem::PgTransaction needs an idempotency store: register one with \
-             `App::new().app_data(idem::Idempotency::new(idem::PostgresStore::from_url(url)?))`",
-        ),
-        Some(idem) if postgres_of(&idem.inner.store).is_none() => (
-            1,
-            "idem::PgTransaction needs the app's idempotency store to be a PostgresStore (the \
-             record is completed in the handler's transaction): register \
-             `idem::Idempotency::new(idem::PostgresStore::from_url(url)?)`, or write through your \
-             own pool without the transactional mode",
-        ),
+        None => (0, NO_STORE),
+        Some(idem) if postgres_of(&idem.inner.store).is_none() => (1, NOT_POSTGRES),
         Some(_) => (
             2,
             "idem::PgTransaction is only available in #[idempotent] handlers (the runtime commits \
@@ -226,7 +230,45 @@ fn unavailable_here(req: &HttpRequest) -> actix_web::Error {
     if !LOGGED[which].swap(true, Ordering::Relaxed) {
         tracing::error!("{fix}");
     }
-    InternalError::from_response(fix, Problem::MisconfiguredFix { fix }.to_response()).into()
+    InternalError::from_response(fix, Problem::Misconfigured.to_response()).into()
+}
+
+/// Why [`Idempotency::check_transactional`] refused a configuration: its store is not a
+/// [`PostgresStore`]. The message names the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", NOT_POSTGRES)]
+pub struct NotTransactional(());
+
+impl Idempotency {
+    /// Checks that handlers taking a [`PgTransaction`] can run under this configuration (its
+    /// store is a [`PostgresStore`], registered with [`Idempotency::new`]): call it at start in
+    /// an app that uses the transactional mode, so that a configuration with another store
+    /// stops the app there instead of failing those requests with `500`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::{Idempotency, PostgresStore};
+    ///
+    /// let store = PostgresStore::from_url("postgres://app:secret@127.0.0.1:5432/app")?;
+    /// store.migrate().await?;
+    /// let idempotency = Idempotency::new(store);
+    /// idempotency.check_transactional()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`NotTransactional`] when the store is another one (a [`MemoryStore`], a `RedisStore`,
+    /// or a store that wraps a `PostgresStore`: the transaction needs the store itself).
+    ///
+    /// [`MemoryStore`]: crate::MemoryStore
+    pub fn check_transactional(&self) -> Result<(), NotTransactional> {
+        match postgres_of(&self.inner.store) {
+            Some(_) => Ok(()),
+            None => Err(NotTransactional(())),
+        }
+    }
 }
 
 /// The app's store, when it is a [`PostgresStore`].
