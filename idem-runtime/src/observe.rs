@@ -36,6 +36,10 @@ pub(crate) enum Op {
     Renew,
     Complete,
     Release,
+    /// A handler's transaction beginning (transactional mode): waiting for a connection and
+    /// `BEGIN`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Begin,
 }
 
 impl Op {
@@ -45,6 +49,7 @@ impl Op {
             Self::Renew => "renew",
             Self::Complete => "complete",
             Self::Release => "release",
+            Self::Begin => "begin",
         }
     }
 }
