@@ -206,7 +206,8 @@ async fn every_isolation_level_completes_and_duplicates_get_409() {
             let key = format!("k{n}-{i}");
             let duplicates = async {
                 let mut statuses = Vec::new();
-                for _ in 0..4 {
+                // While the handler runs (700 ms), past two renewals (every 200 ms).
+                for _ in 0..3 {
                     tokio::time::sleep(Duration::from_millis(150)).await;
                     statuses.push(send(&app, order("/orders", &key, body.clone())).await.0);
                 }
@@ -252,7 +253,7 @@ async fn concurrent_duplicates_under_serializable_get_409_not_503() {
     let mut statuses = Vec::new();
     for round in 0..10 {
         let key = format!("dup-{round}");
-        let body = serde_json::json!({ "id": key, "wait_ms": 200 });
+        let body = serde_json::json!({ "id": key, "wait_ms": 1000 });
         let all = futures_util::future::join_all(
             (0..8).map(|_| send(&app, order("/orders", &key, body.clone()))),
         )

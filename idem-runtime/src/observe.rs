@@ -65,7 +65,7 @@ fn describe() {
         describe_histogram!(
             STORE_SECONDS,
             Unit::Seconds,
-            "Latency of idempotency store operations (claim, renew, complete, release), by store."
+            "Latency of idempotency store operations (claim, renew, complete, release; begin for a transactional handler), by store."
         );
         describe_histogram!(
             WAIT_SECONDS,
