@@ -114,7 +114,7 @@ async fn verify_schema_checks_what_a_teams_own_migrations_applied() {
     store.verify_schema().await.expect("schema.sql verified");
     assert_eq!(
         db.psql("SELECT obj_description('idem_records'::regclass, 'pg_class')"),
-        "idem schema 1"
+        "idem schema 2"
     );
     db.psql("CREATE SCHEMA app");
     let configured = PostgresStore::builder(store.pool().clone())
@@ -126,6 +126,24 @@ async fn verify_schema_checks_what_a_teams_own_migrations_applied() {
         .verify_schema()
         .await
         .expect("app.records verified");
+    // Version 2 added the lease table: a table without it is behind.
+    db.psql("DROP TABLE app.records_leases");
+    let err = configured
+        .verify_schema()
+        .await
+        .expect_err("no lease table");
+    assert!(
+        mismatch(&err)
+            .problems()
+            .iter()
+            .any(|p| p.contains("lease table app.records_leases is missing")),
+        "{err}"
+    );
+    db.psql(configured.schema_sql());
+    configured
+        .verify_schema()
+        .await
+        .expect("lease table restored");
 
     // A table of the previous release (no version) is refused until it is migrated.
     db.psql("COMMENT ON TABLE idem_records IS NULL");

@@ -36,6 +36,10 @@ pub(crate) enum Op {
     Renew,
     Complete,
     Release,
+    /// A handler's transaction beginning (transactional mode): waiting for a connection and
+    /// `BEGIN`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Begin,
 }
 
 impl Op {
@@ -45,6 +49,7 @@ impl Op {
             Self::Renew => "renew",
             Self::Complete => "complete",
             Self::Release => "release",
+            Self::Begin => "begin",
         }
     }
 }
@@ -60,7 +65,7 @@ fn describe() {
         describe_histogram!(
             STORE_SECONDS,
             Unit::Seconds,
-            "Latency of idempotency store operations (claim, renew, complete, release), by store."
+            "Latency of idempotency store operations (claim, renew, complete, release; begin for a transactional handler), by store."
         );
         describe_histogram!(
             WAIT_SECONDS,

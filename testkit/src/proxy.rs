@@ -10,11 +10,14 @@
 //! - [`Fault::Drop`]: close both connections (FIN) without forwarding a byte of it;
 //! - [`Fault::Reset`]: close the client's connection with `SO_LINGER` 0 (RST), and the server's;
 //! - [`Fault::Delay`]: hold the response that long, then forward it (a client with a shorter
-//!   timeout has given up by then).
+//!   timeout has given up by then);
+//! - [`Fault::Blackhole`]: forward nothing more on that connection, and keep it open.
 //!
-//! Faults are drawn from a seeded generator ([`FaultPlan::Random`]) or taken in order from a list
-//! ([`FaultPlan::Schedule`]). With concurrent connections the order in which responses start is up
-//! to the scheduler, so a seed fixes the sequence of faults, not which request gets which.
+//! Faults are drawn from a seeded generator ([`FaultPlan::Random`]), taken in order from a list
+//! ([`FaultPlan::Schedule`]), or given to the responses of the requests that contain some bytes
+//! ([`FaultPlan::Matching`]: a Postgres `BEGIN`, say, since the proxy relays any request-response
+//! protocol). With concurrent connections the order in which responses start is up to the
+//! scheduler, so a seed fixes the sequence of faults, not which request gets which.
 
 use std::{
     io,
@@ -44,6 +47,10 @@ pub enum Fault {
     Reset,
     /// Forwarded after this long.
     Delay(Duration),
+    /// Nothing more forwarded on this connection, either way, and the connection left open (a
+    /// network partition neither end is told of). Under [`FaultPlan::Matching`] the request that
+    /// matched is not forwarded either.
+    Blackhole,
 }
 
 /// How the proxy picks each response's fault.
@@ -66,7 +73,18 @@ pub enum FaultPlan {
     /// The faults in this order, one per response, starting over at the end (an empty list
     /// passes everything).
     Schedule(Vec<Fault>),
+    /// `fault` for each response to a request that contains `needle` (the bytes the client sent
+    /// since the previous response, the first 64 KiB of them), [`Fault::Pass`] for the others.
+    Matching {
+        /// The bytes to look for.
+        needle: Vec<u8>,
+        /// What happens to the response of a request that contains them.
+        fault: Fault,
+    },
 }
+
+/// The most bytes of one request that [`FaultPlan::Matching`] looks at.
+const MATCH_WINDOW: usize = 64 * 1024;
 
 /// What the proxy did, counted per response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,6 +99,8 @@ pub struct ProxyStats {
     pub reset: u64,
     /// Responses forwarded late.
     pub delayed: u64,
+    /// Connections blackholed.
+    pub blackholed: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +110,7 @@ struct Counters {
     dropped: AtomicU64,
     reset: AtomicU64,
     delayed: AtomicU64,
+    blackholed: AtomicU64,
 }
 
 enum Picker {
@@ -104,6 +125,10 @@ enum Picker {
     Schedule {
         faults: Vec<Fault>,
         next: AtomicUsize,
+    },
+    Matching {
+        needle: Vec<u8>,
+        fault: Fault,
     },
 }
 
@@ -127,10 +152,28 @@ impl Picker {
                 faults,
                 next: AtomicUsize::new(0),
             },
+            FaultPlan::Matching { needle, fault } => Self::Matching { needle, fault },
         }
     }
 
-    fn pick(&self) -> Fault {
+    /// Whether the plan looks at the requests' bytes.
+    fn reads_requests(&self) -> bool {
+        matches!(self, Self::Matching { .. })
+    }
+
+    /// Whether `request` is to be swallowed, with its connection: a matching blackhole.
+    fn swallows(&self, request: &[u8]) -> bool {
+        matches!(
+            self,
+            Self::Matching {
+                fault: Fault::Blackhole,
+                ..
+            }
+        ) && self.pick(request) == Fault::Blackhole
+    }
+
+    /// The fault of the response to `request` (empty unless [`Picker::reads_requests`]).
+    fn pick(&self, request: &[u8]) -> Fault {
         match self {
             Self::Random {
                 rng,
@@ -155,6 +198,13 @@ impl Picker {
                     return Fault::Pass;
                 }
                 faults[next.fetch_add(1, Ordering::Relaxed) % faults.len()]
+            }
+            Self::Matching { needle, fault } => {
+                if !needle.is_empty() && request.windows(needle.len()).any(|w| w == &needle[..]) {
+                    *fault
+                } else {
+                    Fault::Pass
+                }
             }
         }
     }
@@ -208,6 +258,7 @@ impl FaultProxy {
             dropped: c.dropped.load(Ordering::SeqCst),
             reset: c.reset.load(Ordering::SeqCst),
             delayed: c.delayed.load(Ordering::SeqCst),
+            blackholed: c.blackholed.load(Ordering::SeqCst),
         }
     }
 }
@@ -248,6 +299,10 @@ async fn relay(
     counters: &Counters,
 ) -> io::Result<()> {
     let mut server = TcpStream::connect(upstream).await?;
+    // The bytes of the current request, for a plan that reads them.
+    let mut request = Vec::new();
+    // Whether a blackhole swallowed this connection.
+    let mut swallowed = false;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let mut from_client = vec![0u8; 16 * 1024];
@@ -261,6 +316,21 @@ async fn relay(
                 if n == 0 {
                     return Ok(());
                 }
+                if swallowed {
+                    continue;
+                }
+                if picker.reads_requests() {
+                    if responding {
+                        request.clear();
+                    }
+                    let room = MATCH_WINDOW.saturating_sub(request.len());
+                    request.extend_from_slice(&from_client[..n.min(room)]);
+                    if picker.swallows(&request) {
+                        counters.blackholed.fetch_add(1, Ordering::SeqCst);
+                        swallowed = true;
+                        continue;
+                    }
+                }
                 server.write_all(&from_client[..n]).await?;
                 responding = false;
             }
@@ -269,10 +339,13 @@ async fn relay(
                 if n == 0 {
                     return Ok(());
                 }
+                if swallowed {
+                    continue;
+                }
                 if !responding {
                     responding = true;
                     counters.responses.fetch_add(1, Ordering::SeqCst);
-                    match picker.pick() {
+                    match picker.pick(&request) {
                         Fault::Pass => {
                             counters.passed.fetch_add(1, Ordering::SeqCst);
                         }
@@ -288,6 +361,11 @@ async fn relay(
                         Fault::Delay(d) => {
                             counters.delayed.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(d).await;
+                        }
+                        Fault::Blackhole => {
+                            counters.blackholed.fetch_add(1, Ordering::SeqCst);
+                            swallowed = true;
+                            continue;
                         }
                     }
                 }
@@ -357,9 +435,54 @@ mod tests {
                 passed: 1,
                 dropped: 1,
                 reset: 1,
-                delayed: 1
+                delayed: 1,
+                blackholed: 0,
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_matching_plan_faults_the_requests_that_contain_the_needle() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(
+            upstream,
+            FaultPlan::Matching {
+                needle: b"BEGIN".to_vec(),
+                fault: Fault::Drop,
+            },
+        )
+        .await
+        .expect("a proxy");
+        let mut s = TcpStream::connect(proxy.addr()).await.expect("connects");
+        assert_eq!(exchange(&mut s).await.expect("passed"), 3);
+        s.write_all(b"BEGIN\n").await.expect("sent");
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).await.expect("dropped: EOF"), 0);
+        assert_eq!((proxy.stats().passed, proxy.stats().dropped), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_matching_blackhole_swallows_the_request_and_keeps_the_connection_open() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(
+            upstream,
+            FaultPlan::Matching {
+                needle: b"COMMIT".to_vec(),
+                fault: Fault::Blackhole,
+            },
+        )
+        .await
+        .expect("a proxy");
+        let mut s = TcpStream::connect(proxy.addr()).await.expect("connects");
+        assert_eq!(exchange(&mut s).await.expect("passed"), 3);
+        s.write_all(b"COMMIT\n").await.expect("sent");
+        let mut buf = [0u8; 16];
+        let silent = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+        assert!(
+            silent.is_err(),
+            "a swallowed request was answered: {silent:?}"
+        );
+        assert_eq!(proxy.stats().blackholed, 1);
     }
 
     #[tokio::test]
@@ -372,10 +495,10 @@ mod tests {
             delay_for: Duration::ZERO,
         };
         let picker = Picker::new(plan.clone());
-        let faults: Vec<Fault> = (0..10_000).map(|_| picker.pick()).collect();
+        let faults: Vec<Fault> = (0..10_000).map(|_| picker.pick(&[])).collect();
         let again = Picker::new(plan);
         assert!(
-            faults.iter().all(|f| *f == again.pick()),
+            faults.iter().all(|f| *f == again.pick(&[])),
             "same seed, same faults"
         );
         let share = |fault: Fault| faults.iter().filter(|f| **f == fault).count();

@@ -14,7 +14,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions, PgRow},
     Executor as _, PgPool, Row as _,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 mod sql;
 mod sweep;
@@ -22,7 +22,9 @@ mod transaction;
 mod verify;
 
 pub use self::sql::InvalidTableName;
-use self::sql::{sql_millis, Statements, TableName, EXPECTED, MIGRATE_TIMEOUT};
+use self::sql::{
+    session_sql, sql_millis, Isolation, Statements, TableName, EXPECTED, MIGRATE_TIMEOUT,
+};
 pub(crate) use self::transaction::RequestTransaction;
 pub use self::transaction::{NotTransactional, PgTransaction, PgTransactionGuard};
 use self::verify::Found;
@@ -50,16 +52,16 @@ use crate::{
 ///
 /// # Schema
 ///
-/// [`PostgresStore::migrate`] creates the table, its expiry index and the claim function if they
-/// are missing, under an advisory lock so that instances starting together do not race, then
-/// checks what it finds: a table of another shape (made by something else: a column missing or
+/// [`PostgresStore::migrate`] creates the table, its expiry index, the lease table and the claim
+/// function if they are missing, under an advisory lock so that instances starting together do
+/// not race, then checks what it finds: a table of another shape (made by something else: a column missing or
 /// of another type) fails `migrate` with a [`SchemaMismatch`] naming the difference and the fix,
 /// instead of an app that starts and answers every request 503. Teams that run their own
 /// migrations apply `idem-runtime/src/store/postgres/schema.sql` instead (the same SQL, also
 /// given by [`PostgresStore::schema_sql`] for a configured table name) and call
 /// [`PostgresStore::verify_schema`] at start.
 ///
-/// The schema has a version, kept in the table's comment (`idem schema 1`) and raised by the
+/// The schema has a version, kept in the table's comment (`idem schema 2`) and raised by the
 /// schema SQL when a release adds a migration step. Steps only add (a column with a default, a
 /// function), so a build accepts a table of a newer version, and `migrate` of an older build
 /// leaves a newer table as it is: instances of two releases can share a table during a rolling
@@ -67,13 +69,17 @@ use crate::{
 ///
 /// A row holds the record's address (the 32-byte digest of scope and key), the request
 /// fingerprint, the state (`pending` or `completed`), the owner token while pending, one deadline
-/// `expires_at` (the lease while pending, the ttl once completed) and, once completed, the response
+/// `expires_at` (the first lease while pending, the ttl once completed) and, once completed, the response
 /// in the same versioned binary encoding the Redis stores keep (the private `record` module): one format
 /// to evolve, decoded with the same checks, and no migration when the response format grows.
 ///
 /// # Round trips and clocks
 ///
-/// Claim, renew, complete and release are one statement each. Every deadline is computed and
+/// Claim, renew, complete and release are one statement each. A renewal writes the pending
+/// record's lease in a table of its own (`<table>_leases`), never the record's row, so a handler's
+/// transaction that completes the record at `REPEATABLE READ` or `SERIALIZABLE` does not meet a
+/// concurrent update of that row; a pending record lives until the later of its own deadline and
+/// its owner's lease. Every deadline is computed and
 /// compared by the database (`now()`), never by an app instance, so instances whose clocks disagree
 /// still agree on leases and expiry. A row past its deadline is invisible to claims at once (a
 /// claim takes it over); a background sweep deletes such rows in bounded batches.
@@ -91,12 +97,26 @@ use crate::{
 ///
 /// # Connections
 ///
-/// [`PostgresStore::from_url`] makes a lazy pool (no connection until the first call) that does not
-/// ping a connection before handing it out (sqlx's `test_before_acquire`, a hidden round trip per
-/// call) and sets `statement_timeout` to the store's timeout on every connection. A connection
-/// that a server restart broke fails one call, then is replaced. (sqlx still pings each connection
-/// as it goes back to the pool, in the background, off the request's path.) Over your own pool
-/// ([`PostgresStore::builder`]) consider the same settings.
+/// [`PostgresStore::from_url`] makes a lazy pool (no connection until the first call) of
+/// [`PostgresStore::DEFAULT_MAX_CONNECTIONS`] connections
+/// ([`PostgresStore::from_url_with_pool_size`] chooses another size) that does not ping a
+/// connection before handing it out (sqlx's `test_before_acquire`, a hidden round trip per call),
+/// waits up to half the store timeout for a connection, and sets on each session, in one round
+/// trip at connection: `READ COMMITTED` for the store's statements whatever the database's default
+/// (the claim relies on it), `statement_timeout` half the store timeout (the server gives up on a
+/// statement no later than the store call does), `lock_timeout` a quarter of it (a claim that
+/// meets a locked record answers "in flight" instead of holding its connection),
+/// `idle_in_transaction_session_timeout` the store timeout, and TCP keepalives (a vanished peer is
+/// noticed within half a minute). A handler's transaction gets the database's isolation level and
+/// timeouts back.
+///
+/// A statement that meets a connection a server restart broke is sent again on another one (each
+/// broken connection is closed as it fails), so the first calls after a restart succeed. (sqlx
+/// still pings each connection as it goes back to the pool, in the background, off the request's
+/// path.) Over your own pool ([`PostgresStore::builder`]) consider the same session settings.
+///
+/// Handlers' transactions ([`PgTransaction`]) may hold all but a quarter of the pool's connections
+/// (at least one is kept when there are two or more): the rest serves claims and renewals.
 ///
 /// # Sweeper
 ///
@@ -114,6 +134,12 @@ struct Inner {
     pool: PgPool,
     table: TableName,
     timeout: Duration,
+    /// The connections handlers' transactions may hold at once: the pool's size less a reserve
+    /// for the store's own calls (claims, renewals), which would starve otherwise.
+    transactions: Arc<Semaphore>,
+    /// The session settings of a pool that [`PostgresStore::from_url`] made (`None` over the
+    /// app's own pool): what a handler's transaction restores.
+    session: Option<Arc<Session>>,
     sql: Statements,
     sweep_interval: Duration,
     sweep_batch: u32,
@@ -136,10 +162,28 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
+/// What a pool made by [`PostgresStore::from_url`] learnt of the database at connection: the
+/// isolation level its transactions get unless told otherwise (the store's own sessions run
+/// `READ COMMITTED`; a handler's transaction gets the database's default back).
+#[derive(Debug, Default)]
+struct Session {
+    default_isolation: Mutex<Option<Isolation>>,
+}
+
+impl Session {
+    fn default_isolation(&self) -> Option<Isolation> {
+        *self
+            .default_isolation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Configures a [`PostgresStore`].
 #[derive(Debug)]
 pub struct PostgresStoreBuilder {
     pool: PgPool,
+    session: Option<Arc<Session>>,
     table: String,
     timeout: Duration,
     sweep_interval: Duration,
@@ -199,9 +243,14 @@ impl PostgresStoreBuilder {
     pub fn build(self) -> Result<PostgresStore, InvalidTableName> {
         let table: TableName = self.table.parse()?;
         let (stop, stopped) = oneshot::channel();
+        let transactions = Arc::new(Semaphore::new(transaction_slots(
+            self.pool.options().get_max_connections(),
+        )));
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
+                transactions,
+                session: self.session,
                 sql: Statements::new(&table),
                 table,
                 timeout: self.timeout,
@@ -226,11 +275,14 @@ impl PostgresStore {
     pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
     /// The default number of rows one sweep statement deletes at most.
     pub const DEFAULT_SWEEP_BATCH: u32 = 1000;
+    /// The default size of [`PostgresStore::from_url`]'s pool.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 20;
 
     /// A builder over an existing pool.
     pub fn builder(pool: PgPool) -> PostgresStoreBuilder {
         PostgresStoreBuilder {
             pool,
+            session: None,
             table: Self::DEFAULT_TABLE.to_owned(),
             timeout: Self::DEFAULT_TIMEOUT,
             sweep_interval: Self::DEFAULT_SWEEP_INTERVAL,
@@ -248,6 +300,17 @@ impl PostgresStore {
     ///
     /// [`StoreError::Unavailable`] when the URL is invalid or no tokio runtime is running.
     pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        Self::from_url_with_pool_size(url, Self::DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// [`PostgresStore::from_url`] with a pool of `max_connections` (at least 1) instead of
+    /// [`PostgresStore::DEFAULT_MAX_CONNECTIONS`]. A quarter of them (at least one, when there are
+    /// two or more) is kept for the store's own calls: see [Connections](PostgresStore#connections).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the URL is invalid or no tokio runtime is running.
+    pub fn from_url_with_pool_size(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::Unavailable(
                 "PostgresStore::from_url must be called inside a tokio runtime".into(),
@@ -256,13 +319,25 @@ impl PostgresStore {
         let timeout = Self::DEFAULT_TIMEOUT;
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?
-            .application_name("idem")
-            .options([("statement_timeout", timeout.as_millis().to_string())]);
+            .application_name("idem");
+        let session = Arc::new(Session::default());
+        let learnt = Arc::clone(&session);
+        // One text for every pool (the timeout is the default one): the callback's future must
+        // not borrow from the callback.
+        static SETUP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let setup: &'static str = SETUP.get_or_init(|| session_sql(Self::DEFAULT_TIMEOUT));
         let pool = PgPoolOptions::new()
-            .acquire_timeout(timeout)
+            .max_connections(max_connections.max(1))
+            // Half the store timeout for a connection, half for the statement (whose
+            // `statement_timeout` is the other half): the server gives up on a statement no
+            // later than the store call does.
+            .acquire_timeout(timeout / 2)
             .test_before_acquire(false)
+            .after_connect(move |conn, _| set_up_session(conn, setup, Arc::clone(&learnt)))
             .connect_lazy_with(options);
-        Self::builder(pool)
+        let mut builder = Self::builder(pool);
+        builder.session = Some(session);
+        builder
             .build()
             .map_err(|e| StoreError::Unavailable(Box::new(e)))
     }
@@ -278,12 +353,13 @@ impl PostgresStore {
     }
 
     /// The SQL that [`PostgresStore::migrate`] runs for this store's table: the table, its expiry
-    /// index and the claim function, each created only if missing (the function is replaced).
+    /// index, the lease table and the claim function, each created only if missing (the function
+    /// is replaced).
     pub fn schema_sql(&self) -> &str {
         &self.inner.sql.schema
     }
 
-    /// Creates the table, its index and the claim function where missing, then checks the
+    /// Creates the table, its index, the lease table and the claim function where missing, then checks the
     /// table as [`PostgresStore::verify_schema`] does, in one transaction under an advisory lock:
     /// several instances may call it at once, and a table that fails the check is left as it
     /// was. A table of a newer schema version (a later release migrated it) is only checked.
@@ -343,6 +419,33 @@ impl PostgresStore {
             .map_err(|mismatch| StoreError::Unavailable(Box::new(mismatch)))
     }
 
+    /// Runs a statement on the pool (`query`, called again for each attempt), within the store
+    /// timeout. A statement that fails because its connection was broken (a server restart or
+    /// failover leaves every idle connection of the pool dead) is sent again on another one, as
+    /// many times as the pool has connections: each broken one is closed as it fails. Every
+    /// statement the store sends this way is safe to repeat (a claim carries its owner token, the
+    /// fenced writes are idempotent).
+    async fn pooled<T, F, Fut>(&self, mut query: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let pool = &self.inner.pool;
+        let attempts = async {
+            let mut broken = 0u32;
+            loop {
+                match query().await {
+                    Err(e) if is_broken_connection(&e) && broken <= pool.size() => {
+                        broken += 1;
+                        tracing::warn!(error = %e, "idem: a broken Postgres connection; sending the statement again on another");
+                    }
+                    answer => return answer,
+                }
+            }
+        };
+        self.bounded(attempts).await
+    }
+
     /// Runs `query` within the store timeout, mapping its errors.
     async fn bounded<T>(
         &self,
@@ -364,16 +467,20 @@ impl PostgresStore {
         ticket: &Ticket,
         extra: Extra<'_>,
     ) -> Result<Ownership, StoreError> {
-        let query = sqlx::query(sql)
-            .bind(&ticket.key().as_bytes()[..])
-            .bind(&ticket.token().as_bytes()[..])
-            .bind(&ticket.fingerprint().as_bytes()[..]);
-        let query = match extra {
-            Extra::None => query,
-            Extra::Millis(ms) => query.bind(ms),
-            Extra::Completed(record, ms) => query.bind(record).bind(ms),
-        };
-        let result = self.bounded(query.execute(&self.inner.pool)).await?;
+        let result = self
+            .pooled(|| {
+                let query = sqlx::query(sql)
+                    .bind(&ticket.key().as_bytes()[..])
+                    .bind(&ticket.token().as_bytes()[..])
+                    .bind(&ticket.fingerprint().as_bytes()[..]);
+                let query = match extra {
+                    Extra::None => query,
+                    Extra::Millis(ms) => query.bind(ms),
+                    Extra::Completed(record, ms) => query.bind(record).bind(ms),
+                };
+                query.execute(&self.inner.pool)
+            })
+            .await?;
         match result.rows_affected() {
             0 => Ok(Ownership::Lost),
             1 => Ok(Ownership::Held),
@@ -384,7 +491,55 @@ impl PostgresStore {
     }
 }
 
+/// Sends `setup` ([`session_sql`]) on a new connection of [`PostgresStore::from_url`]'s pool,
+/// and keeps the database's default isolation level it answers.
+fn set_up_session<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    setup: &'static str,
+    learnt: Arc<Session>,
+) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let row = sqlx::query(setup).fetch_one(&mut *conn).await?;
+        let default = row
+            .try_get::<String, _>(0)
+            .ok()
+            .and_then(|level| level.parse::<Isolation>().ok());
+        *learnt
+            .default_isolation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = default;
+        Ok(())
+    })
+}
+
+/// How many of a pool's `max_connections` handlers' transactions may hold at once: all but a
+/// quarter (at least one when there are two or more), kept for the store's own short calls.
+fn transaction_slots(max_connections: u32) -> usize {
+    let max = max_connections.max(1);
+    let reserve = if max >= 2 { (max / 4).max(1) } else { 0 };
+    usize::try_from(max - reserve).unwrap_or(1)
+}
+
+/// Whether `e` says the connection was dead before the statement could run (or broke while it
+/// ran): the server restarted, failed over, or ended the session.
+fn is_broken_connection(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        // connection_exception (class 08), admin_shutdown, crash_shutdown, cannot_connect_now.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether `e` is `lock_timeout` firing: the statement met a row another transaction holds.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 /// The parameters of a fenced write after the ticket's.
+#[derive(Clone, Copy)]
 enum Extra<'a> {
     None,
     Millis(i64),
@@ -398,6 +553,8 @@ fn map_err(e: sqlx::Error, timeout: Duration) -> StoreError {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
             StoreError::Timeout(timeout)
         }
+        // lock_not_available: `lock_timeout` fired on a row another transaction holds.
+        ref e if is_lock_timeout(e) => StoreError::Timeout(timeout),
         other => StoreError::Unavailable(Box::new(other)),
     }
 }
@@ -454,17 +611,31 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        let row = self
-            .bounded(
-                sqlx::query(&self.inner.sql.claim)
+        let claimed = self
+            .pooled(|| async {
+                let row = sqlx::query(&self.inner.sql.claim)
                     .bind(&ticket.key().as_bytes()[..])
                     .bind(&ticket.fingerprint().as_bytes()[..])
                     .bind(&ticket.token().as_bytes()[..])
                     .bind(sql_millis(lease))
-                    .fetch_one(&self.inner.pool),
-            )
+                    .fetch_one(&self.inner.pool)
+                    .await;
+                match row {
+                    // The record's row is locked by another transaction (a request completing
+                    // it, or one whose connection went silent before its commit, which the
+                    // server ends within a lease): it is in flight. The claim gives its
+                    // connection back at `lock_timeout` instead of holding it.
+                    Err(e) if is_lock_timeout(&e) => Ok(None),
+                    other => other.map(Some),
+                }
+            })
             .await?;
-        parse_claim(&row, ticket)
+        match claimed {
+            Some(row) => parse_claim(&row, ticket),
+            None => Ok(Claim::InFlight {
+                retry_after: lease.min(self.inner.timeout),
+            }),
+        }
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {

@@ -2,16 +2,17 @@
 --
 -- `PostgresStore::migrate` runs exactly this, under an advisory lock, with the names below replaced
 -- by the configured table's: "idem_records" (the table, schema-qualified if configured),
--- "idem_records_expires_at" (its expiry index) and "idem_records_claim" (the claim function, in
--- the table's schema). Run it again after upgrading idem: every statement is idempotent.
+-- "idem_records_expires_at" (its expiry index), "idem_records_leases" (the renewed leases, in the
+-- table's schema) and "idem_records_claim" (the claim function, in the table's schema). Run it
+-- again after upgrading idem: every statement is idempotent.
 --
 -- The table's comment holds its schema version ('idem schema <n>'), set by the last statement
 -- below: `PostgresStore::migrate` and `PostgresStore::verify_schema` refuse a table whose version
 -- is older than the one this build needs, or that lacks a column, the unique key or the claim
--- function. Migration steps only add (a column with a default, a function), so a build accepts
+-- function or the lease table (step 2, version 2). Migration steps only add (a column with a default, a function), so a build accepts
 -- a table of a newer version, and instances of the previous release keep working during a
 -- rolling upgrade. A step added to this file bumps `wanted` in the last statement (and
--- `SCHEMA_VERSION` in sql.rs: a unit test checks that they agree).
+-- `EXPECTED.version` in sql.rs: a unit test checks that they agree).
 
 -- One row per record, addressed by the SHA-256 digest of (scope, key).
 CREATE TABLE IF NOT EXISTS "idem_records" (
@@ -36,6 +37,22 @@ CREATE TABLE IF NOT EXISTS "idem_records" (
 
 -- The sweep deletes expired rows oldest first, in batches.
 CREATE INDEX IF NOT EXISTS "idem_records_expires_at" ON "idem_records" (expires_at);
+
+-- Step 2: the renewed leases of pending records, apart from the records.
+--
+-- A lease renewal writes here and never the record's row, so a handler's transaction that
+-- completes the record (the transactional mode) does not meet a concurrent update of that row
+-- under REPEATABLE READ or SERIALIZABLE. A pending record's deadline is the later of its
+-- `expires_at` and its lease's here, when the lease names the record's owner; a row of an owner
+-- that no longer holds the record is ignored, and deleted by the sweep once expired.
+CREATE TABLE IF NOT EXISTS "idem_records_leases" (
+    -- The record's address.
+    key         bytea       PRIMARY KEY CHECK (octet_length(key) = 32),
+    -- The owner token of the request that renewed the lease.
+    owner       bytea       NOT NULL CHECK (octet_length(owner) = 16),
+    -- The end of the renewed lease. Compared with now() only.
+    expires_at  timestamptz NOT NULL
+);
 
 -- Claims the record `p_key` for the request (`p_fingerprint`, `p_owner`) with a lease of
 -- `p_lease_ms`, in one call. Answers `o_acquired = true` when the request now owns the record
@@ -64,12 +81,14 @@ DECLARE
 BEGIN
     LOOP
         attempt := attempt + 1;
-        -- 1. A live record: answer from it, writing nothing (a replay or a duplicate).
+        -- 1. A live record: answer from it, writing nothing (a replay or a duplicate). A pending
+        -- record lives until the later of its own deadline and its owner's renewed lease.
         SELECT r.state, r.fingerprint, r.owner, r.response,
-               ceil(extract(epoch FROM r.expires_at - now()) * 1000)::bigint
+               ceil(extract(epoch FROM greatest(r.expires_at, l.expires_at) - now()) * 1000)::bigint
           INTO o_state, o_fingerprint, o_owner, o_response, o_remaining_ms
           FROM "idem_records" r
-         WHERE r.key = p_key AND r.expires_at > now();
+          LEFT JOIN "idem_records_leases" l ON l.key = r.key AND l.owner = r.owner
+         WHERE r.key = p_key AND greatest(r.expires_at, l.expires_at) > now();
         IF FOUND THEN
             IF NOT (o_state = 'pending' AND o_owner = p_owner AND o_fingerprint = p_fingerprint) THEN
                 o_acquired := false;
@@ -97,7 +116,9 @@ BEGIN
                response = NULL,
                expires_at = now() + p_lease_ms * interval '1 millisecond'
          WHERE r.key = p_key
-           AND (r.expires_at <= now()
+           AND (greatest(r.expires_at,
+                         (SELECT l.expires_at FROM "idem_records_leases" l
+                           WHERE l.key = r.key AND l.owner = r.owner)) <= now()
                 OR (r.state = 'pending' AND r.owner = p_owner AND r.fingerprint = p_fingerprint));
         IF FOUND THEN
             o_acquired := true;
@@ -120,7 +141,7 @@ $$;
 -- The schema version, in the table's comment; never lowered (a newer release's table keeps its).
 DO $$
 DECLARE
-    wanted constant integer := 1;
+    wanted constant integer := 2;
     found_version integer := coalesce(
         substring(obj_description('"idem_records"'::regclass, 'pg_class')
                   FROM '^idem schema ([0-9]+)$')::integer,

@@ -23,7 +23,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// A migration step added to [`SCHEMA`] bumps `version` (both here and there) and, when it adds
 /// a column the statements use, adds one line to `columns`.
 pub(super) const EXPECTED: ExpectedSchema = ExpectedSchema {
-    version: 1,
+    version: 2,
     columns: &[
         ("key", "bytea"),
         ("fingerprint", "bytea"),
@@ -105,6 +105,7 @@ impl TableName {
         SCHEMA
             .replace("\"idem_records\"", &self.qualified(""))
             .replace("\"idem_records_claim\"", &self.qualified("_claim"))
+            .replace("\"idem_records_leases\"", &self.qualified("_leases"))
             // An index lives in its table's schema and is named without one.
             .replace(
                 "\"idem_records_expires_at\"",
@@ -133,40 +134,59 @@ pub(super) struct Statements {
     pub(super) schema: String,
     /// What `migrate` runs first, in its transaction: its statement timeout and advisory lock.
     pub(super) migrate_lock: String,
-    /// The catalog's view of the table and the claim function (`$1` the table, `$2` the claim
+    /// The catalog's view of the table, the claim function and the lease table (`$1` the table, `$2` the claim
     /// function's signature, each as `to_regclass`/`to_regprocedure` read them): whether the
     /// table exists, its comment, its columns and their types, whether `key` alone is unique,
-    /// whether the claim function exists.
+    /// whether the claim function exists, whether the lease table (`$3`) exists.
     pub(super) inspect: String,
-    /// `$1` and `$2` of [`Statements::inspect`].
-    pub(super) inspect_args: (String, String),
+    /// `$1`, `$2` and `$3` of [`Statements::inspect`]: the table, the claim function, the lease
+    /// table.
+    pub(super) inspect_args: (String, String, String),
 }
 
 impl Statements {
     pub(super) fn new(table: &TableName) -> Self {
         let t = table.qualified("");
+        let leases = table.qualified("_leases");
+        // A pending record lives until the later of its own deadline and the lease its owner
+        // renewed (a lease row of another owner does not count).
+        let live = format!(
+            "greatest(r.expires_at, (SELECT l.expires_at FROM {leases} l \
+             WHERE l.key = r.key AND l.owner = r.owner)) > now()"
+        );
         // The fence of renew, complete and release: this ticket's live pending row.
-        let fence = "key = $1 AND state = 'pending' AND owner = $2 AND fingerprint = $3 \
-                     AND expires_at > now()";
+        let fence = format!(
+            "r.key = $1 AND r.state = 'pending' AND r.owner = $2 AND r.fingerprint = $3 AND {live}"
+        );
         Self {
             claim: format!(
                 "SELECT o_acquired, o_state, o_fingerprint, o_owner, o_response, o_remaining_ms \
                  FROM {}($1, $2, $3, $4)",
                 table.qualified("_claim")
             ),
+            // The renewal writes the lease row, never the record's: a handler's transaction that
+            // completes the record under REPEATABLE READ or SERIALIZABLE would otherwise meet a
+            // concurrent update of the row it updates, and fail.
             renew: format!(
-                "UPDATE {t} SET expires_at = now() + $4 * interval '1 millisecond' WHERE {fence}"
+                "INSERT INTO {leases} AS n (key, owner, expires_at) \
+                 SELECT r.key, r.owner, now() + $4 * interval '1 millisecond' FROM {t} r \
+                 WHERE {fence} \
+                 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at"
             ),
             complete: format!(
-                "UPDATE {t} SET state = 'completed', owner = NULL, response = $4, \
+                "UPDATE {t} r SET state = 'completed', owner = NULL, response = $4, \
                  expires_at = now() + $5 * interval '1 millisecond' WHERE {fence}"
             ),
-            release: format!("DELETE FROM {t} WHERE {fence}"),
-            // The inner query locks the oldest expired rows, skipping any a claim is taking over;
-            // the outer condition is checked again on the row it deletes.
+            release: format!("DELETE FROM {t} r WHERE {fence}"),
+            // Expired leases first (any owner's: a lease outlives its record only as a leftover),
+            // then the oldest expired records, skipping any a claim is taking over; the outer
+            // conditions are checked again on the rows deleted.
             sweep: format!(
-                "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires_at < now() \
-                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AND expires_at < now()"
+                "WITH leases AS (DELETE FROM {leases} WHERE key IN (SELECT key FROM {leases} \
+                 WHERE expires_at < now() LIMIT $1 FOR UPDATE SKIP LOCKED) AND expires_at < now()) \
+                 DELETE FROM {t} r WHERE r.key IN (SELECT r.key FROM {t} r WHERE r.expires_at < now() \
+                 AND NOT {live} ORDER BY r.expires_at LIMIT $1 FOR UPDATE OF r SKIP LOCKED) \
+                 AND r.expires_at < now() AND NOT {live}"
             ),
             schema: table.schema_sql(),
             migrate_lock: format!(
@@ -177,6 +197,7 @@ impl Statements {
             inspect_args: (
                 t.clone(),
                 format!("{}({})", table.qualified("_claim"), EXPECTED.claim_args),
+                leases.clone(),
             ),
         }
     }
@@ -197,8 +218,112 @@ SELECT rel IS NOT NULL AS exists,
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                 WHERE i.indrelid = rel AND i.indisunique AND i.indnatts = 1
                   AND i.indpred IS NULL AND a.attname = 'key') AS key_unique,
-       to_regprocedure($2) IS NOT NULL AS claim
+       to_regprocedure($2) IS NOT NULL AS claim,
+       to_regclass($3) IS NOT NULL AS leases
   FROM (SELECT to_regclass($1) AS rel) t";
+
+/// The settings of every session of a pool that `PostgresStore::from_url` makes, sent once per
+/// connection (one round trip). Its first statement answers the database's default isolation
+/// level (what a handler's transaction gets back). Then, for the store's own statements:
+///
+/// - `READ COMMITTED`, whatever the database's default: the claim function relies on each of its
+///   statements seeing what committed before it started, and a claim under `REPEATABLE READ`
+///   would fail with a serialization error where a duplicate's 409 is due;
+/// - `statement_timeout` half the store timeout (the other half bounds the wait for a
+///   connection), so the server gives up on a statement no later than the store call does;
+/// - `lock_timeout` a quarter of it: a claim that meets a row another transaction holds gives its
+///   connection back instead of holding it for the whole timeout;
+/// - `idle_in_transaction_session_timeout` the store timeout: a session left inside a transaction
+///   (its client gone silent) is ended by the server and its locks released (a handler's
+///   transaction restores the database's value, and bounds the wait for its `COMMIT` with
+///   [`commit_bound_sql`]);
+/// - TCP keepalives every few seconds, so that the server notices a peer that vanished within
+///   half a minute instead of the system's default two hours.
+///
+/// A handler's transaction restores the database's values of the timeouts (`SET LOCAL ... TO
+/// DEFAULT`): its statements are the handler's business.
+pub(super) fn session_sql(timeout: Duration) -> String {
+    let ms = |d: Duration| sql_millis(d).max(1);
+    // One statement (the extended protocol sends no more): the settings are read and set in the
+    // order of the select list.
+    format!(
+        "SELECT current_setting('default_transaction_isolation'), \
+         set_config('default_transaction_isolation', 'read committed', false), \
+         set_config('statement_timeout', '{}ms', false), \
+         set_config('lock_timeout', '{}ms', false), \
+         set_config('idle_in_transaction_session_timeout', '{}ms', false), \
+         set_config('tcp_keepalives_idle', '10', false), \
+         set_config('tcp_keepalives_interval', '5', false), \
+         set_config('tcp_keepalives_count', '3', false)",
+        ms(timeout / 2),
+        ms(timeout / 4),
+        ms(timeout),
+    )
+}
+
+/// The statement that begins a handler's transaction (one round trip): at `isolation` when known
+/// (the database's default, which the store's own sessions override), with the timeouts the
+/// store set on the session restored to the database's (`restore`: the handler's statements, and
+/// the time it takes between them, are the handler's business).
+pub(super) fn begin_sql(isolation: Option<Isolation>, restore: bool) -> String {
+    let mut sql = String::from("BEGIN");
+    if let Some(level) = isolation {
+        sql.push_str(" ISOLATION LEVEL ");
+        sql.push_str(level.as_sql());
+    }
+    if restore {
+        sql.push_str(
+            "; SET LOCAL statement_timeout TO DEFAULT; SET LOCAL lock_timeout TO DEFAULT; \
+             SET LOCAL idle_in_transaction_session_timeout TO DEFAULT",
+        );
+    }
+    sql
+}
+
+/// Sent in a handler's transaction just before the runtime completes the record: the server ends
+/// the transaction if its `COMMIT` does not follow within `timeout` (the store timeout, when the
+/// runtime gives up on it), so a connection that went silent after the completion (a network
+/// partition) does not hold the record's row lock, and the key, for longer.
+pub(super) fn commit_bound_sql(timeout: Duration) -> String {
+    format!(
+        "SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+        sql_millis(timeout)
+    )
+}
+
+/// A transaction isolation level, as Postgres names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isolation {
+    ReadUncommitted,
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+impl Isolation {
+    fn as_sql(self) -> &'static str {
+        match self {
+            Self::ReadUncommitted => "READ UNCOMMITTED",
+            Self::ReadCommitted => "READ COMMITTED",
+            Self::RepeatableRead => "REPEATABLE READ",
+            Self::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+impl FromStr for Isolation {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "read uncommitted" => Ok(Self::ReadUncommitted),
+            "read committed" => Ok(Self::ReadCommitted),
+            "repeatable read" => Ok(Self::RepeatableRead),
+            "serializable" => Ok(Self::Serializable),
+            _ => Err(()),
+        }
+    }
+}
 
 /// A duration as the milliseconds a statement takes: at least 1, at most 100 years.
 pub(super) fn sql_millis(d: Duration) -> i64 {
@@ -265,10 +390,41 @@ mod tests {
         assert!(statements
             .claim
             .contains("FROM \"app\".\"records_claim\"($1"));
-        for sql in [&statements.renew, &statements.complete, &statements.release] {
+        for sql in [
+            &statements.renew,
+            &statements.complete,
+            &statements.release,
+            &statements.sweep,
+        ] {
             assert!(sql.contains("\"app\".\"records\""), "{sql}");
-            assert!(sql.contains("owner = $2 AND fingerprint = $3 AND expires_at > now()"));
+            assert!(sql.contains("FROM \"app\".\"records_leases\" l"), "{sql}");
         }
+        for sql in [&statements.renew, &statements.complete, &statements.release] {
+            assert!(sql.contains("r.owner = $2 AND r.fingerprint = $3 AND greatest("));
+        }
+        assert!(sql.contains("TABLE IF NOT EXISTS \"app\".\"records_leases\" ("));
+    }
+
+    #[test]
+    fn a_handlers_transaction_gets_the_databases_isolation_and_timeouts_back() {
+        let level = "repeatable read".parse::<Isolation>().ok();
+        assert_eq!(
+            begin_sql(level, true),
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL statement_timeout TO DEFAULT; \
+             SET LOCAL lock_timeout TO DEFAULT; SET LOCAL idle_in_transaction_session_timeout TO DEFAULT"
+        );
+        assert_eq!(begin_sql(None, false), "BEGIN");
+        assert_eq!(
+            commit_bound_sql(Duration::from_secs(2)),
+            "SET LOCAL idle_in_transaction_session_timeout = '2000ms'"
+        );
+        assert!("snapshot".parse::<Isolation>().is_err());
+        let session = session_sql(Duration::from_secs(2));
+        assert!(
+            session.contains("'statement_timeout', '1000ms'"),
+            "{session}"
+        );
+        assert!(session.contains("'lock_timeout', '500ms'"), "{session}");
     }
 
     #[test]

@@ -15,11 +15,11 @@ impl PostgresStore {
     /// [`StoreError`] when the database fails or does not answer within the store timeout.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let result = self
-            .bounded(
+            .pooled(|| {
                 sqlx::query(&self.inner.sql.sweep)
                     .bind(i64::from(self.inner.sweep_batch))
-                    .execute(&self.inner.pool),
-            )
+                    .execute(&self.inner.pool)
+            })
             .await?;
         crate::observe::swept("postgres", result.rows_affected());
         Ok(result.rows_affected())

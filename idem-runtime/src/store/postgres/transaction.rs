@@ -21,13 +21,19 @@ use actix_web::{
     dev::Payload, error::InternalError, FromRequest, HttpMessage as _, HttpRequest, HttpResponse,
 };
 use async_trait::async_trait;
+use futures_util::future::LocalBoxFuture;
 use sqlx::{PgConnection, Postgres, Transaction};
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, OwnedSemaphorePermit};
 
-use super::{sql::sql_millis, PostgresStore};
+use super::{
+    is_broken_connection, map_err,
+    sql::{begin_sql, commit_bound_sql, sql_millis},
+    PostgresStore,
+};
 use crate::{
     config::{Idempotency, Settings},
     lifecycle::{Completion, StoreCompletion},
+    observe::{self, Op},
     problem::Problem,
     record::{encode_completed, StoredResponse},
     store::{Ownership, Store, StoreError, Ticket},
@@ -49,7 +55,7 @@ use crate::{
 /// #[post("/payments")]
 /// // #[idempotent(require_key)] (from the `idem` facade)
 /// async fn create_payment(mut tx: PgTransaction) -> actix_web::Result<HttpResponse> {
-///     let mut conn = tx.acquire().await?; // BEGIN, on the store's pool, on first use
+///     let mut conn = tx.acquire().await?; // the request's transaction, begun before the handler
 ///     sqlx::query("INSERT INTO payments (id, amount) VALUES ($1, $2)")
 ///         .bind("pay_1")
 ///         .bind(1000_i64)
@@ -76,13 +82,35 @@ use crate::{
 ///   the handler runs anyway (`fail_open`), there is no record: the transaction commits after a
 ///   response under 500, and rolls back otherwise.
 ///
-/// The transaction begins at the first [`PgTransaction::acquire`]; a handler that never calls it
-/// never opens one (its record is completed by the store as usual). `BEGIN`, the completion and
-/// `COMMIT` each run within the store's timeout; the handler's own statements are the handler's
-/// business (over a pool from [`PostgresStore::from_url`] every connection's `statement_timeout`
-/// is the store timeout; `SET LOCAL statement_timeout` in the transaction lifts it). The lease is
-/// renewed on another connection of the pool while the handler runs, so the pool needs at least
-/// two connections per concurrent request that uses the transaction.
+/// The transaction begins before the handler's body runs, when the extractor is resolved: a
+/// pool that has no connection to spare (or a database that does not answer `BEGIN` within the
+/// store timeout) answers `503` with `Retry-After` and the key is released before any of the
+/// handler's code ran. A handler that does not take a `PgTransaction` never opens one (its record
+/// is completed by the store as usual). `BEGIN`, the completion and `COMMIT` each run within the
+/// store's timeout.
+///
+/// The handler's own statements are the handler's business: the transaction runs at the
+/// database's default isolation level, and `SET TRANSACTION ISOLATION LEVEL` as the handler's
+/// first statement chooses another. Every level completes: the lease is renewed in a table of
+/// its own (on another connection), never in the record's row that the completion updates, so
+/// `REPEATABLE READ` and `SERIALIZABLE` do not meet a concurrent update of it. A serialization
+/// failure among the handler's own statements is the handler's to answer (retry it in the
+/// handler, or answer a 5xx: the transaction rolls back and the key is released). Over a pool
+/// from [`PostgresStore::from_url`] the transaction also gets the database's `statement_timeout`
+/// and `lock_timeout` back (the store's sessions bound the store's own statements more tightly).
+///
+/// Once the handler answered, the server ends the transaction if its `COMMIT` does not arrive
+/// within the store timeout (a network partition that swallowed it), so the record's row lock
+/// is released and the key can be retried. A client that vanishes while the handler runs is
+/// noticed by the server through TCP keepalives (set on [`PostgresStore::from_url`]'s sessions:
+/// within half a minute), or by the database's own `idle_in_transaction_session_timeout` if you
+/// set one.
+///
+/// While the handler runs, its transaction holds one of the pool's connections; the lease is
+/// renewed on another. A quarter of the pool (at least one connection) is kept for the store's
+/// own calls (claims, renewals), so handlers' transactions never starve them: size the pool for
+/// the transactional requests you run at once, plus that quarter (see
+/// [`PostgresStore::from_url_with_pool_size`]).
 ///
 /// Do not end the transaction yourself (`COMMIT`, `ROLLBACK` through the connection): the runtime
 /// commits it with the record, or not at all.
@@ -132,14 +160,13 @@ impl DerefMut for PgTransactionGuard<'_> {
 }
 
 impl PgTransaction {
-    /// The transaction's connection; the first call begins the transaction on the store's pool.
+    /// The transaction's connection (the transaction began when the extractor was resolved,
+    /// before the handler ran).
     ///
     /// # Errors
     ///
-    /// An error whose response is `503` with `Retry-After` (`store-unavailable`) when `BEGIN`
-    /// fails or does not complete within the store timeout (return it: the key is released and a
-    /// retry runs the handler again); `500` when the transaction is already ended (a
-    /// `PgTransaction` kept past its handler) or borrowed by another guard (hold one at a time).
+    /// `500` when the transaction is already ended (a `PgTransaction` kept past its handler) or
+    /// borrowed by another guard (hold one at a time).
     pub async fn acquire(&mut self) -> Result<PgTransactionGuard<'_>, actix_web::Error> {
         let shared = &*self.shared;
         let mut slot = shared.slot.try_lock().map_err(|_| {
@@ -148,28 +175,9 @@ impl PgTransaction {
                  acquiring it again",
             )
         })?;
-        if matches!(*slot, Slot::Idle) {
-            let begun = shared.store.bounded(shared.store.pool().begin()).await;
-            match begun {
-                Ok(txn) => {
-                    *slot = Slot::Open(txn);
-                    shared.begun.store(true, Ordering::Release);
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "the handler's transaction could not begin");
-                    return Err(InternalError::from_response(
-                        err,
-                        Problem::StoreUnavailable {
-                            retry_after: shared.retry_after,
-                        }
-                        .to_response(),
-                    )
-                    .into());
-                }
-            }
-        }
+        shared.begin(&mut slot).await?;
         MutexGuard::try_map(slot, |slot| match slot {
-            Slot::Open(txn) => Some(txn),
+            Slot::Open(open) => Some(&mut open.txn),
             Slot::Idle | Slot::Ended => None,
         })
         .map(|txn| PgTransactionGuard { txn })
@@ -189,14 +197,27 @@ fn internal(message: &'static str) -> actix_web::Error {
 
 impl FromRequest for PgTransaction {
     type Error = actix_web::Error;
-    type Future = std::future::Ready<Result<Self, Self::Error>>;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
+    /// Begins the transaction, before the handler's body runs.
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let found = req.extensions().get::<Arc<Shared>>().cloned();
-        std::future::ready(match found {
-            Some(shared) => Ok(Self { shared }),
-            None => Err(unavailable_here(req)),
-        })
+        match found {
+            Some(shared) => Box::pin(async move {
+                {
+                    let mut slot = shared
+                        .slot
+                        .try_lock()
+                        .map_err(|_| internal("the request's PgTransaction is already borrowed"))?;
+                    shared.begin(&mut slot).await?;
+                }
+                Ok(Self { shared })
+            }),
+            None => {
+                let err = unavailable_here(req);
+                Box::pin(async move { Err(err) })
+            }
+        }
     }
 }
 
@@ -287,16 +308,100 @@ struct Shared {
 }
 
 enum Slot {
-    /// Not begun (the handler has not called `acquire`).
+    /// Not begun (no `PgTransaction` extracted yet).
     Idle,
-    Open(Transaction<'static, Postgres>),
+    Open(OpenTransaction),
     /// Taken by the runtime, committed or rolled back.
     Ended,
 }
 
+/// A handler's open transaction and its share of the pool.
+pub(super) struct OpenTransaction {
+    txn: Transaction<'static, Postgres>,
+    /// One of the connections handlers' transactions may hold (returned when this is dropped).
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PostgresStore {
+    /// Begins a handler's transaction within the store timeout (waiting for a connection
+    /// included).
+    ///
+    /// `BEGIN` runs in a task of its own, never cut off: sqlx 0.8 counts a transaction as open
+    /// only once `BEGIN` has answered, so a `BEGIN` abandoned at the timeout would give its
+    /// connection back to the pool inside a transaction nobody knows of, and every later call on
+    /// that connection would run inside it. Left to finish, a late `BEGIN` yields a transaction
+    /// that is dropped (rolled back) as soon as it arrives.
+    async fn begin_transaction(&self) -> Result<OpenTransaction, StoreError> {
+        self.start_sweeper();
+        let timeout = self.inner.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let session = self.inner.session.as_ref();
+        let sql = begin_sql(
+            session.and_then(|s| s.default_isolation()),
+            session.is_some(),
+        );
+        let store = self.clone();
+        let begin = tokio::spawn(async move {
+            let slots = Arc::clone(&store.inner.transactions);
+            let permit = tokio::time::timeout_at(deadline, slots.acquire_owned())
+                .await
+                .map_err(|_| StoreError::Timeout(timeout))?
+                .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+            let pool = &store.inner.pool;
+            let mut broken = 0u32;
+            loop {
+                // When the connection was dead (a restarted server), again on another one.
+                match pool.begin_with(sql.clone()).await {
+                    Err(e) if is_broken_connection(&e) && broken <= pool.size() => broken += 1,
+                    began => {
+                        return began
+                            .map(|txn| OpenTransaction {
+                                txn,
+                                _permit: permit,
+                            })
+                            .map_err(|e| map_err(e, timeout))
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout_at(deadline, begin).await {
+            Ok(Ok(began)) => began,
+            Ok(Err(panicked)) => Err(StoreError::Unavailable(Box::new(panicked))),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+}
+
 impl Shared {
+    /// Begins the transaction if it is not yet: answers `503` when it cannot.
+    async fn begin(&self, slot: &mut Slot) -> Result<(), actix_web::Error> {
+        if !matches!(slot, Slot::Idle) {
+            return Ok(());
+        }
+        let began =
+            observe::timed(Op::Begin, self.store.kind(), self.store.begin_transaction()).await;
+        match began {
+            Ok(open) => {
+                *slot = Slot::Open(open);
+                self.begun.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the handler's transaction could not begin: answering 503, the handler does not run");
+                Err(InternalError::from_response(
+                    err,
+                    Problem::StoreUnavailable {
+                        retry_after: self.retry_after,
+                    }
+                    .to_response(),
+                )
+                .into())
+            }
+        }
+    }
+
     /// The open transaction, taken out of the slot. `Err` when a guard still holds it.
-    fn take(&self) -> Result<Option<Transaction<'static, Postgres>>, StoreError> {
+    fn take(&self) -> Result<Option<OpenTransaction>, StoreError> {
         let mut slot = self.slot.try_lock().map_err(|_| {
             StoreError::Protocol(
                 "the handler's transaction is still borrowed (a PgTransactionGuard outlived the \
@@ -310,8 +415,8 @@ impl Shared {
         }
     }
 
-    async fn rollback(&self, txn: Transaction<'static, Postgres>) {
-        if let Err(err) = self.store.bounded(txn.rollback()).await {
+    async fn rollback(&self, open: OpenTransaction) {
+        if let Err(err) = self.store.bounded(open.txn.rollback()).await {
             tracing::warn!(
                 error = %err,
                 "the handler's transaction could not be rolled back explicitly; the database \
@@ -363,16 +468,16 @@ impl RequestTransaction {
         let Some(shared) = self.0.as_ref().filter(|_| self.is_begun()) else {
             return resp;
         };
-        let txn = match shared.take() {
-            Ok(Some(txn)) => txn,
+        let open = match shared.take() {
+            Ok(Some(open)) => open,
             Ok(None) => return resp,
             Err(err) => return self.unavailable(&err),
         };
         if resp.status().is_server_error() {
-            shared.rollback(txn).await;
+            shared.rollback(open).await;
             return resp;
         }
-        match shared.store.bounded(txn.commit()).await {
+        match shared.store.bounded(open.txn.commit()).await {
             Ok(()) => resp,
             Err(err) => self.unavailable(&err),
         }
@@ -410,13 +515,53 @@ impl Completion for TransactionCompletion {
         _retry_for: Duration,
     ) -> Result<Ownership, StoreError> {
         let shared = &*self.0;
-        let Some(mut txn) = shared.take()? else {
+        let Some(open) = shared.take()? else {
             return Err(StoreError::Protocol(
                 "the handler's transaction was already ended".into(),
             ));
         };
+        // Timed and counted as the store's completion (`op="complete"`), commit included.
+        observe::timed(
+            Op::Complete,
+            shared.store.kind(),
+            complete_and_commit(shared, open, ticket, response, ttl),
+        )
+        .await
+    }
+
+    async fn abandon(self: Box<Self>) {
+        match self.0.take() {
+            Ok(Some(open)) => self.0.rollback(open).await,
+            Ok(None) => {}
+            Err(err) => tracing::warn!(error = %err, "the handler's transaction is not ended here"),
+        }
+    }
+
+    fn holds_the_handlers_writes(&self) -> bool {
+        true
+    }
+}
+
+/// The fenced completion on the transaction's connection, then `COMMIT`.
+async fn complete_and_commit(
+    shared: &Shared,
+    open: OpenTransaction,
+    ticket: &Ticket,
+    response: &StoredResponse,
+    ttl: Duration,
+) -> Result<Ownership, StoreError> {
+    let OpenTransaction { mut txn, _permit } = open;
+    let reopen = |txn| OpenTransaction { txn, _permit };
+    {
         let store = &shared.store;
         let record = encode_completed(ticket.fingerprint(), response)?;
+        // From here the transaction waits for the runtime only: bound that wait on the server
+        // (a `COMMIT` lost in a partition must not leave the record's row locked for hours).
+        let bound = commit_bound_sql(store.inner.timeout);
+        if let Err(err) = store.bounded(sqlx::query(&bound).execute(&mut *txn)).await {
+            shared.rollback(reopen(txn)).await;
+            return Err(err);
+        }
         // The store's own fenced `complete`, on the transaction's connection. Its `now()` is the
         // transaction's start: a lease that ran out since then with nobody taking the key over
         // still completes (no other execution can have begun: a take-over would have changed
@@ -436,32 +581,20 @@ impl Completion for TransactionCompletion {
         match updated.map(|done| done.rows_affected()) {
             Ok(1) => {}
             Ok(0) => {
-                shared.rollback(txn).await;
+                shared.rollback(reopen(txn)).await;
                 return Ok(Ownership::Lost);
             }
             Ok(n) => {
-                shared.rollback(txn).await;
+                shared.rollback(reopen(txn)).await;
                 return Err(StoreError::Protocol(format!(
                     "a fenced write changed {n} rows"
                 )));
             }
             Err(err) => {
-                shared.rollback(txn).await;
+                shared.rollback(reopen(txn)).await;
                 return Err(err);
             }
         }
         store.bounded(txn.commit()).await.map(|()| Ownership::Held)
-    }
-
-    async fn abandon(self: Box<Self>) {
-        match self.0.take() {
-            Ok(Some(txn)) => self.0.rollback(txn).await,
-            Ok(None) => {}
-            Err(err) => tracing::warn!(error = %err, "the handler's transaction is not ended here"),
-        }
-    }
-
-    fn holds_the_handlers_writes(&self) -> bool {
-        true
     }
 }

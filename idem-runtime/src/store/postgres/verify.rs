@@ -58,6 +58,7 @@ pub(super) struct Found {
     types: Vec<String>,
     key_unique: bool,
     claim: bool,
+    leases: bool,
 }
 
 impl Found {
@@ -72,7 +73,8 @@ impl Found {
             .fetch_one(
                 sqlx::query(&sql.inspect)
                     .bind(&sql.inspect_args.0)
-                    .bind(&sql.inspect_args.1),
+                    .bind(&sql.inspect_args.1)
+                    .bind(&sql.inspect_args.2),
             )
             .await?;
         Ok(Self {
@@ -82,6 +84,7 @@ impl Found {
             types: row.try_get(3)?,
             key_unique: row.try_get(4)?,
             claim: row.try_get(5)?,
+            leases: row.try_get(6)?,
         })
     }
 
@@ -132,6 +135,9 @@ impl Found {
         if !self.claim {
             behind.push(format!("the claim function {claim} is missing"));
         }
+        if !self.leases {
+            behind.push(format!("the lease table {table}_leases is missing"));
+        }
         match (shape.is_empty(), behind.is_empty()) {
             (true, true) => Ok(()),
             (true, false) => Err(mismatch(behind, APPLY)),
@@ -163,6 +169,7 @@ mod tests {
                 .collect(),
             key_unique: true,
             claim: true,
+            leases: true,
         }
     }
 
