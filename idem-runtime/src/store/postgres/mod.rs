@@ -26,6 +26,7 @@ pub(crate) use self::transaction::RequestTransaction;
 pub use self::transaction::{PgTransaction, PgTransactionGuard};
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
+    encoding::FingerprintEncoding,
     fingerprint::Fingerprint,
     protocol::{classify, Claim},
     record::{encode_completed, OwnerToken, Record, StoredResponse},
@@ -360,9 +361,20 @@ fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
     let owner: Option<Vec<u8>> = row.try_get(3).map_err(column)?;
     let response: Option<Vec<u8>> = row.try_get(4).map_err(column)?;
     let remaining: Option<i64> = row.try_get(5).map_err(column)?;
+    let encoding: Option<i16> = row.try_get(6).map_err(column)?;
+    // NULL: a row of the previous release (or claimed through its claim function), in the only
+    // encoding it had.
+    let encoding = match encoding {
+        None => FingerprintEncoding::RAW_V2,
+        Some(id) => u8::try_from(id)
+            .map(FingerprintEncoding::from_id)
+            .map_err(|_| {
+                StoreError::Protocol(format!("a record with fingerprint encoding {id}"))
+            })?,
+    };
     let fingerprint = fingerprint
         .and_then(|f| <[u8; 32]>::try_from(f).ok())
-        .map(Fingerprint::from_bytes)
+        .map(|digest| Fingerprint::new(encoding, digest))
         .ok_or_else(|| StoreError::Protocol("a record without a 32-byte fingerprint".into()))?;
     let record = match (state.as_deref(), owner, response) {
         (Some("pending"), Some(owner), None) => Record::Pending {
@@ -407,6 +419,7 @@ impl Store for PostgresStore {
                     .bind(&ticket.fingerprint().as_bytes()[..])
                     .bind(&ticket.token().as_bytes()[..])
                     .bind(sql_millis(lease))
+                    .bind(i16::from(ticket.fingerprint().encoding().id()))
                     .fetch_one(&self.inner.pool),
             )
             .await?;

@@ -112,8 +112,8 @@ impl Statements {
                      AND expires_at > now()";
         Self {
             claim: format!(
-                "SELECT o_acquired, o_state, o_fingerprint, o_owner, o_response, o_remaining_ms \
-                 FROM {}($1, $2, $3, $4)",
+                "SELECT o_acquired, o_state, o_fingerprint, o_owner, o_response, o_remaining_ms, \
+                 o_encoding FROM {}($1, $2, $3, $4, $5)",
                 table.qualified("_claim")
             ),
             renew: format!(
