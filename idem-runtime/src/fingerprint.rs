@@ -16,13 +16,21 @@ use std::{borrow::Cow, fmt};
 
 use sha2::{Digest, Sha256};
 
+use crate::encoding::FingerprintEncoding;
+
 /// The encoding's version: a change to what is hashed changes it, so that no two encodings can
-/// agree by accident (a stored request then answers 422 to its retries until its ttl ends).
+/// agree by accident. A changed encoding gets a new [`FingerprintEncoding`] id, and this release
+/// keeps computing the previous one, so that the records it wrote are compared in it.
 const DOMAIN: &[u8] = b"idem/fingerprint/v2\0";
 
-/// A SHA-256 digest identifying one request's content.
+/// A SHA-256 digest identifying one request's content, with the encoding that computed it.
+///
+/// Two fingerprints are equal when both their encoding and their digest are.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
+pub struct Fingerprint {
+    encoding: FingerprintEncoding,
+    digest: [u8; 32],
+}
 
 impl Fingerprint {
     /// The fingerprint of a request with no `Content-Type` or `Content-Encoding` whose body is
@@ -34,21 +42,33 @@ impl Fingerprint {
         hasher.finish()
     }
 
-    /// Wraps raw digest bytes (as stored in a record).
+    /// Wraps raw digest bytes computed in the raw encoding, v2 ([`FingerprintEncoding::RAW_V2`]):
+    /// what a record of format 1, or a store that keeps no encoding id, holds.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self::new(FingerprintEncoding::RAW_V2, bytes)
+    }
+
+    /// Wraps digest bytes computed in `encoding` (as stored in a record with its encoding id).
+    pub const fn new(encoding: FingerprintEncoding, digest: [u8; 32]) -> Self {
+        Self { encoding, digest }
     }
 
     /// The digest bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
+        &self.digest
+    }
+
+    /// The encoding that computed the digest: a custom store keeps its id
+    /// ([`FingerprintEncoding::id`]) next to the digest.
+    pub const fn encoding(&self) -> FingerprintEncoding {
+        self.encoding
     }
 }
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint(")?;
-        for b in &self.0[..8] {
+        write!(f, "Fingerprint({}, ", self.encoding.id())?;
+        for b in &self.digest[..8] {
             write!(f, "{b:02x}")?;
         }
         write!(f, "…)")
@@ -111,7 +131,7 @@ impl FingerprintHasher {
     /// Finishes the digest.
     pub(crate) fn finish(mut self) -> Fingerprint {
         self.hasher.update(self.body_len.to_be_bytes());
-        Fingerprint(self.hasher.finalize().into())
+        Fingerprint::new(FingerprintEncoding::RAW_V2, self.hasher.finalize().into())
     }
 }
 

@@ -16,8 +16,8 @@
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
-//!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
-//!   [`StoredResponse`];
+//!   [`Fingerprint`], [`FingerprintEncoding`] and [`OwnerToken`]), [`Claim`], [`Ownership`],
+//!   [`StoreError`], [`StoredResponse`];
 //! - with the `openapi` feature, `openapi::IdempotencyDocs`: a utoipa `Modify` that documents
 //!   the endpoints `#[idempotent]` marked;
 //! - [`deadpool_redis`] and [`redis`] (and `sqlx` with the `postgres` feature), re-exported so
@@ -31,7 +31,7 @@
 //! | module | holds |
 //! | --- | --- |
 //! | `config` | [`Idempotency`] and its settings, checked where they are set |
-//! | `key`, `scope`, `fingerprint` | the key header, the record address (scope, key), the request fingerprint |
+//! | `key`, `scope`, `fingerprint`, `encoding` | the key header, the record address (scope, key), the request fingerprint and the ids of its encodings |
 //! | `record` | stored responses and the versioned binary record encoding |
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
 //! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
@@ -50,6 +50,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod config;
+mod encoding;
 mod fingerprint;
 mod http;
 mod key;
@@ -78,6 +79,7 @@ pub use store::postgres::{
 
 pub use crate::{
     config::Idempotency,
+    encoding::FingerprintEncoding,
     fingerprint::Fingerprint,
     protocol::Claim,
     record::{OwnerToken, StoredResponse},

@@ -44,6 +44,13 @@ pub(crate) enum Problem {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the key's record was written by a newer release of the service (a record format or
+    /// a fingerprint encoding this release does not read), during a rolling upgrade; the handler
+    /// did not run.
+    UnreadableRecord {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 413: the request body is larger than the handler's limit; nothing was recorded.
     BodyTooLarge {
         /// The limit in bytes.
@@ -74,6 +81,7 @@ impl Problem {
             Self::KeyReused => "key-reused",
             Self::InFlight { .. } => "in-flight",
             Self::StoreUnavailable { .. } => "store-unavailable",
+            Self::UnreadableRecord { .. } => "record-from-newer-version",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
             Self::Misconfigured => "misconfigured",
@@ -93,7 +101,9 @@ impl Problem {
             }
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
-            Self::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable { .. } | Self::UnreadableRecord { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -106,6 +116,7 @@ impl Problem {
             Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight { .. } => "Request with this idempotency key in progress",
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
+            Self::UnreadableRecord { .. } => "Idempotency record from a newer version",
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
             Self::Misconfigured => "Idempotency misconfigured",
@@ -123,6 +134,7 @@ impl Problem {
             Self::KeyReused => "This idempotency key was already used with a different request (method, path, query or body). Use a new key for a new request.".to_owned(),
             Self::InFlight { .. } => "A request with this idempotency key is still being processed. Retry after the time in `Retry-After`.".to_owned(),
             Self::StoreUnavailable { .. } => "The request was not processed because its idempotency could not be guaranteed. Retry after the time in `Retry-After`.".to_owned(),
+            Self::UnreadableRecord { .. } => "The request was not processed: this key's idempotency record was written by a newer version of the service, which this instance cannot compare the request with. Retry after the time in `Retry-After`.".to_owned(),
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
@@ -132,9 +144,9 @@ impl Problem {
     /// The `Retry-After` the problem carries, if any.
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::InFlight { retry_after } | Self::StoreUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            Self::InFlight { retry_after }
+            | Self::StoreUnavailable { retry_after }
+            | Self::UnreadableRecord { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -220,6 +232,13 @@ mod tests {
                 },
                 503,
                 "store-unavailable",
+            ),
+            (
+                Problem::UnreadableRecord {
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "record-from-newer-version",
             ),
             (Problem::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
         ];

@@ -2,6 +2,7 @@
 //! the bytes, parsing answers `Ok` or a typed error, and never panics.
 
 use crate::{
+    encoding::FingerprintEncoding,
     fingerprint::Fingerprint,
     key::IdempotencyKey,
     record::{encode_pending, OwnerToken, Record, StoredResponse},
@@ -95,6 +96,48 @@ proptest! {
         }
         bytes.truncate(cut.index(bytes.len() + 1));
         let _ = Record::decode(Bytes::from(bytes));
+    }
+
+    #[test]
+    fn format_2_decoding_never_panics(
+        kind in prop::sample::select(vec![b'P', b'C']),
+        raw in proptest::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let mut bytes = vec![b'i', b'd', 2, kind];
+        bytes.extend_from_slice(&raw);
+        let _ = Record::decode(Bytes::from(bytes));
+    }
+
+    /// A record in any encoding round-trips, with additional sections of a newer release
+    /// appended (skipped), and is refused as newer with a critical one.
+    #[test]
+    fn records_in_any_encoding_round_trip_past_unknown_sections(
+        resp in response(),
+        id in 0u8..=255,
+        sections in proptest::collection::vec((0u16..0x8000, proptest::collection::vec(any::<u8>(), 0..40)), 0..4),
+        critical in any::<bool>(),
+    ) {
+        let fp = Fingerprint::compute("POST", "/p", "", b"x");
+        let fp = Fingerprint::new(FingerprintEncoding::from_id(id), *fp.as_bytes());
+        let record = Record::Completed { fingerprint: fp, response: resp };
+        let enc = record.encode().expect("encodes");
+        prop_assert_eq!(Record::decode(enc.clone()).expect("decodes"), record.clone());
+        if fp.encoding() == FingerprintEncoding::RAW_V2 {
+            // Format 1 has no sections.
+            return Ok(());
+        }
+        let mut bytes = enc.to_vec();
+        for (tag, data) in &sections {
+            bytes.extend_from_slice(&tag.to_be_bytes());
+            bytes.extend_from_slice(&u32::try_from(data.len()).expect("short").to_be_bytes());
+            bytes.extend_from_slice(data);
+        }
+        if critical {
+            bytes.extend_from_slice(&[0x80, 0x07, 0, 0, 0, 0]);
+            prop_assert!(Record::decode(Bytes::from(bytes)).expect_err("refused").is_newer());
+        } else {
+            prop_assert_eq!(Record::decode(Bytes::from(bytes)).expect("decodes"), record);
+        }
     }
 
     #[test]

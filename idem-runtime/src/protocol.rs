@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::{
+    encoding::FingerprintEncoding,
     record::{Record, StoredResponse},
     store::Ticket,
 };
@@ -24,6 +25,13 @@ pub enum Claim {
         /// How long the current lease still runs.
         retry_after: Duration,
     },
+    /// A record (in any state) whose fingerprint was computed in another encoding than the
+    /// ticket's: the request is fingerprinted again in `encoding` and claimed again, or, when
+    /// this release does not know `encoding` (a record of a newer release), answered 503.
+    OtherEncoding {
+        /// The record's fingerprint encoding.
+        encoding: FingerprintEncoding,
+    },
 }
 
 /// Decides what a claim by `ticket` that found `existing` answers.
@@ -32,7 +40,14 @@ pub enum Claim {
 /// another request learns of its mistake at once. A pending record that holds the ticket's own
 /// token is the ticket's own claim, written by an earlier attempt of the same call whose answer
 /// was lost (a broken connection): it is still `Acquired`.
+///
+/// A record in another fingerprint encoding than the ticket's cannot be compared with it:
+/// [`Claim::OtherEncoding`], whatever its state.
 pub(crate) fn classify(existing: Record, ticket: &Ticket, lease_remaining: Duration) -> Claim {
+    let encoding = existing.fingerprint().encoding();
+    if encoding != ticket.fingerprint().encoding() {
+        return Claim::OtherEncoding { encoding };
+    }
     if existing.fingerprint() != ticket.fingerprint() {
         return Claim::Mismatch;
     }
@@ -107,6 +122,31 @@ mod tests {
             classify(pending(b"a"), &ticket(b"b"), Duration::from_secs(5)),
             Claim::Mismatch
         );
+    }
+
+    #[test]
+    fn a_record_in_another_encoding_is_compared_in_neither() {
+        let other = FingerprintEncoding::from_id(200);
+        let in_other = |record: Record| match record {
+            Record::Completed {
+                fingerprint,
+                response,
+            } => Record::Completed {
+                fingerprint: Fingerprint::new(other, *fingerprint.as_bytes()),
+                response,
+            },
+            Record::Pending { fingerprint, token } => Record::Pending {
+                fingerprint: Fingerprint::new(other, *fingerprint.as_bytes()),
+                token,
+            },
+        };
+        // Even the same digest bytes: encodings are compared first.
+        for record in [completed(b"a"), pending(b"a"), completed(b"b")] {
+            assert_eq!(
+                classify(in_other(record), &ticket(b"a"), Duration::ZERO),
+                Claim::OtherEncoding { encoding: other }
+            );
+        }
     }
 
     #[test]

@@ -1,14 +1,29 @@
 //! Stored records and their compact, versioned binary encoding.
 //!
 //! ```text
-//! magic "id" | version 1 | kind | fingerprint (32 bytes) | kind-specific part
-//!   kind 'P' (pending):   owner token (16 bytes)
-//!   kind 'C' (completed): status u16 | header count u16 |
-//!                         per header: name length u16, name, value length u32, value |
-//!                         body (the rest)
+//! format 1 (fingerprint encoding raw/v2, implied; written for records in that encoding):
+//!   magic "id" | format 1 | kind | fingerprint (32 bytes) | kind-specific part
+//!     kind 'P' (pending):   owner token (16 bytes)
+//!     kind 'C' (completed): status u16 | header count u16 |
+//!                           per header: name length u16, name, value length u32, value |
+//!                           body (the rest)
+//! format 2 (written for every other fingerprint encoding, and for records with sections):
+//!   magic "id" | format 2 | kind | encoding id u8 | fingerprint (32 bytes) | kind-specific part |
+//!   sections
+//!     kind 'P' (pending):   owner token (16 bytes)
+//!     kind 'C' (completed): status u16 | header count u16 | headers as in format 1 |
+//!                           body length u32 | body
+//!     sections, to the end: tag u16 | length u32 | that many bytes
 //! ```
 //!
-//! All integers are big-endian. Decoding never panics: a truncated, foreign or corrupt value is a
+//! All integers are big-endian. The kind byte is the 4th in every format (the Redis claim script
+//! reads it there). A section whose tag has its high bit clear ([`SECTION_CRITICAL`]) is
+//! additional data that a reader which does not know the tag skips (recovery points will be
+//! one); a reader that does not know a critical tag (high bit set) refuses the record, as it
+//! refuses a format or a kind it does not know: [`DecodeError::is_newer`]. No tag is defined yet.
+//!
+//! A writer uses the oldest format that holds the record, so that the previous release still
+//! reads what this one writes. Decoding never panics: a truncated, foreign or corrupt value is a
 //! [`DecodeError`].
 
 use std::fmt;
@@ -19,15 +34,30 @@ use actix_web::http::{
 };
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::fingerprint::Fingerprint;
+use crate::{encoding::FingerprintEncoding, fingerprint::Fingerprint};
 
 const MAGIC: &[u8; 2] = b"id";
-const VERSION: u8 = 1;
+/// Record format 1: no encoding id (raw/v2 implied), no sections.
+const FORMAT_1: u8 = 1;
+/// Record format 2: an encoding id, a body length, sections.
+const FORMAT_2: u8 = 2;
 const KIND_PENDING: u8 = b'P';
 const KIND_COMPLETED: u8 = b'C';
-const HEADER_LEN: usize = 2 + 1 + 1 + 32;
-/// The encoded size of a pending record.
-pub(crate) const PENDING_LEN: usize = HEADER_LEN + 16;
+/// The high bit of a section tag: a reader that does not know the tag must refuse the record.
+pub(crate) const SECTION_CRITICAL: u16 = 0x8000;
+const HEADER_LEN_1: usize = 2 + 1 + 1 + 32;
+const HEADER_LEN_2: usize = HEADER_LEN_1 + 1;
+/// The longest encoded pending record this release writes (format 2, no section).
+pub(crate) const PENDING_LEN_MAX: usize = HEADER_LEN_2 + 16;
+
+/// The format a record with `fingerprint` and no section is written in: the oldest that holds it.
+const fn format_for(fingerprint: &Fingerprint) -> u8 {
+    if fingerprint.encoding().id() == FingerprintEncoding::RAW_V2.id() {
+        FORMAT_1
+    } else {
+        FORMAT_2
+    }
+}
 
 /// A random secret naming the request that holds a record's lease.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,66 +201,115 @@ impl Record {
         if r.take(2)? != MAGIC.as_slice() {
             return Err(DecodeError::NotARecord);
         }
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
+        let format = r.u8()?;
+        if format != FORMAT_1 && format != FORMAT_2 {
+            return Err(DecodeError::UnsupportedVersion(format));
         }
         let kind = r.u8()?;
-        let fingerprint = Fingerprint::from_bytes(r.array()?);
-        match kind {
-            KIND_PENDING => {
-                let token = OwnerToken::from_bytes(r.array()?);
-                if r.remaining() != 0 {
-                    return Err(DecodeError::TrailingBytes);
-                }
-                Ok(Self::Pending { fingerprint, token })
-            }
-            KIND_COMPLETED => {
-                let code = r.u16()?;
-                let status =
-                    StatusCode::from_u16(code).map_err(|_| DecodeError::InvalidStatus(code))?;
-                let count = r.u16()?;
-                let mut headers = Vec::with_capacity(usize::from(count).min(64));
-                for _ in 0..count {
-                    let name_len = usize::from(r.u16()?);
-                    let name = HeaderName::from_bytes(&r.take(name_len)?)
-                        .map_err(|_| DecodeError::InvalidHeader)?;
-                    let value_len =
-                        usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
-                    let value = HeaderValue::from_maybe_shared(r.take(value_len)?)
-                        .map_err(|_| DecodeError::InvalidHeader)?;
-                    headers.push((name, value));
-                }
-                let body = r.rest();
-                Ok(Self::Completed {
-                    fingerprint,
-                    response: StoredResponse {
-                        status,
-                        headers,
-                        body,
-                    },
-                })
-            }
-            other => Err(DecodeError::UnknownKind(other)),
+        if kind != KIND_PENDING && kind != KIND_COMPLETED {
+            return Err(DecodeError::UnknownKind(kind));
         }
+        let encoding = if format == FORMAT_1 {
+            FingerprintEncoding::RAW_V2
+        } else {
+            FingerprintEncoding::from_id(r.u8()?)
+        };
+        let fingerprint = Fingerprint::new(encoding, r.array()?);
+        let record = if kind == KIND_PENDING {
+            let token = OwnerToken::from_bytes(r.array()?);
+            if format == FORMAT_1 && r.remaining() != 0 {
+                return Err(DecodeError::TrailingBytes);
+            }
+            Self::Pending { fingerprint, token }
+        } else {
+            let code = r.u16()?;
+            let status =
+                StatusCode::from_u16(code).map_err(|_| DecodeError::InvalidStatus(code))?;
+            let count = r.u16()?;
+            let mut headers = Vec::with_capacity(usize::from(count).min(64));
+            for _ in 0..count {
+                let name_len = usize::from(r.u16()?);
+                let name = HeaderName::from_bytes(&r.take(name_len)?)
+                    .map_err(|_| DecodeError::InvalidHeader)?;
+                let value_len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+                let value = HeaderValue::from_maybe_shared(r.take(value_len)?)
+                    .map_err(|_| DecodeError::InvalidHeader)?;
+                headers.push((name, value));
+            }
+            let body = if format == FORMAT_1 {
+                r.rest()
+            } else {
+                let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+                r.take(len)?
+            };
+            Self::Completed {
+                fingerprint,
+                response: StoredResponse {
+                    status,
+                    headers,
+                    body,
+                },
+            }
+        };
+        // Format 2: the sections. None is known to this release: skip each additional one,
+        // refuse a critical one.
+        while r.remaining() > 0 {
+            let tag = r.u16()?;
+            let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+            r.take(len)?;
+            if tag & SECTION_CRITICAL != 0 {
+                return Err(DecodeError::UnsupportedSection(tag));
+            }
+        }
+        Ok(record)
     }
 }
 
 /// The encoding of a pending record: also the exact bytes the owner compares against in the store.
 #[cfg(test)]
 pub(crate) fn encode_pending(fingerprint: &Fingerprint, token: &OwnerToken) -> Bytes {
-    Bytes::copy_from_slice(&pending_bytes(fingerprint, token))
+    Bytes::copy_from_slice(pending_bytes(fingerprint, token).as_slice())
 }
 
-/// The encoding of a pending record, on the stack: a ticket keeps it inline, with no allocation.
-pub(crate) fn pending_bytes(fingerprint: &Fingerprint, token: &OwnerToken) -> [u8; PENDING_LEN] {
-    let mut out = [0u8; PENDING_LEN];
+/// An encoded pending record, on the stack: a ticket keeps it inline, with no allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PendingBytes {
+    buf: [u8; PENDING_LEN_MAX],
+    len: u8,
+}
+
+impl PendingBytes {
+    /// The encoded record.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+/// The encoding of a pending record.
+pub(crate) fn pending_bytes(fingerprint: &Fingerprint, token: &OwnerToken) -> PendingBytes {
+    let mut buf = [0u8; PENDING_LEN_MAX];
+    let header = write_header(&mut buf, KIND_PENDING, fingerprint);
+    buf[header..header + 16].copy_from_slice(token.as_bytes());
+    PendingBytes {
+        buf,
+        // At most PENDING_LEN_MAX (53).
+        len: (header + 16) as u8,
+    }
+}
+
+/// Writes the header of a record of `kind` into `out`; answers its length.
+fn write_header(out: &mut [u8; PENDING_LEN_MAX], kind: u8, fingerprint: &Fingerprint) -> usize {
+    let format = format_for(fingerprint);
     out[..2].copy_from_slice(MAGIC);
-    out[2] = VERSION;
-    out[3] = KIND_PENDING;
-    out[4..HEADER_LEN].copy_from_slice(fingerprint.as_bytes());
-    out[HEADER_LEN..].copy_from_slice(token.as_bytes());
-    out
+    out[2] = format;
+    out[3] = kind;
+    let mut at = 4;
+    if format == FORMAT_2 {
+        out[4] = fingerprint.encoding().id();
+        at = 5;
+    }
+    out[at..at + 32].copy_from_slice(fingerprint.as_bytes());
+    at + 32
 }
 
 /// The encoding of a completed record.
@@ -247,8 +326,8 @@ pub(crate) fn encode_completed(
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + 4 + headers_len + response.body.len());
-    put_header(&mut buf, KIND_COMPLETED, fingerprint);
+    let mut buf = BytesMut::with_capacity(HEADER_LEN_2 + 8 + headers_len + response.body.len());
+    let format = put_header(&mut buf, KIND_COMPLETED, fingerprint);
     buf.put_u16(response.status.as_u16());
     let count = u16::try_from(response.headers.len()).map_err(|_| EncodeError::TooManyHeaders)?;
     buf.put_u16(count);
@@ -261,15 +340,20 @@ pub(crate) fn encode_completed(
         buf.put_u32(value_len);
         buf.put_slice(value.as_bytes());
     }
+    if format == FORMAT_2 {
+        let body_len = u32::try_from(response.body.len()).map_err(|_| EncodeError::BodyTooLong)?;
+        buf.put_u32(body_len);
+    }
     buf.put_slice(&response.body);
     Ok(buf.freeze())
 }
 
-fn put_header(buf: &mut BytesMut, kind: u8, fingerprint: &Fingerprint) {
-    buf.put_slice(MAGIC);
-    buf.put_u8(VERSION);
-    buf.put_u8(kind);
-    buf.put_slice(fingerprint.as_bytes());
+/// Puts the header of a record of `kind`; answers its format.
+fn put_header(buf: &mut BytesMut, kind: u8, fingerprint: &Fingerprint) -> u8 {
+    let mut header = [0u8; PENDING_LEN_MAX];
+    let len = write_header(&mut header, kind, fingerprint);
+    buf.put_slice(&header[..len]);
+    header[2]
 }
 
 /// A response that cannot be encoded.
@@ -282,6 +366,9 @@ pub enum EncodeError {
     /// A header name or value over its length field.
     #[error("a response header is too long to store")]
     HeaderTooLong,
+    /// A body of 4 GiB or more, in record format 2.
+    #[error("the response body is too long to store")]
+    BodyTooLong,
 }
 
 /// A stored value that is not a valid record.
@@ -294,12 +381,25 @@ pub enum DecodeError {
     /// The value does not start with the record magic: not written by idem.
     #[error("the stored value is not an idem record")]
     NotARecord,
-    /// Written by a newer or older, incompatible version.
-    #[error("the stored record has unsupported version {0}")]
+    /// A record format this release does not read (formats 1 and 2): written by a newer
+    /// release.
+    #[error(
+        "the stored record has format {0}, which this release of idem does not read (it reads \
+         formats 1 and 2): it was written by a newer release"
+    )]
     UnsupportedVersion(u8),
-    /// An unknown record kind byte.
-    #[error("the stored record has unknown kind {0:#04x}")]
+    /// An unknown record kind byte: written by a newer release.
+    #[error(
+        "the stored record has kind {0:#04x}, which this release of idem does not know: it was \
+         written by a newer release"
+    )]
     UnknownKind(u8),
+    /// A critical section this release does not know: written by a newer release.
+    #[error(
+        "the stored record has a section {0:#06x} that this release of idem must understand to \
+         read it and does not know: it was written by a newer release"
+    )]
+    UnsupportedSection(u16),
     /// A status outside 100..=999.
     #[error("the stored record has invalid status {0}")]
     InvalidStatus(u16),
@@ -309,6 +409,18 @@ pub enum DecodeError {
     /// Bytes after a fixed-length record.
     #[error("the stored record has trailing bytes")]
     TrailingBytes,
+}
+
+impl DecodeError {
+    /// Whether the record is well-formed as far as this release can tell, but written by a newer
+    /// release in a format, a kind or with a critical section that this one does not read: it is
+    /// refused (the request answers 503 and its handler does not run), never misread.
+    pub(crate) fn is_newer(&self) -> bool {
+        matches!(
+            self,
+            Self::UnsupportedVersion(_) | Self::UnknownKind(_) | Self::UnsupportedSection(_)
+        )
+    }
 }
 
 struct Reader {
@@ -396,7 +508,7 @@ mod tests {
             token: OwnerToken::random(),
         };
         let enc = pending.encode().expect("encodes");
-        assert_eq!(enc.len(), PENDING_LEN);
+        assert_eq!(enc.len(), HEADER_LEN_1 + 16);
         assert_eq!(Record::decode(enc).expect("decodes"), pending);
 
         let completed = Record::Completed {
@@ -456,7 +568,8 @@ mod tests {
             Record::decode(enc.clone().freeze()),
             Err(DecodeError::UnsupportedVersion(9))
         );
-        enc[2] = VERSION;
+        assert!(DecodeError::UnsupportedVersion(9).is_newer());
+        enc[2] = FORMAT_1;
         enc[3] = b'X';
         assert_eq!(
             Record::decode(enc.clone().freeze()),
@@ -498,6 +611,142 @@ mod tests {
             Record::decode(huge_count.freeze()),
             Err(DecodeError::Truncated)
         );
+    }
+
+    /// Records the previous release wrote (format 1, raw/v2), as its own code path wrote them into
+    /// Redis for `POST /payments` (`{"amount":1000,"currency":"eur"}`, answered 201) and for one
+    /// still running: pinned bytes, shared with the HTTP upgrade tests (`tests/upgrade.rs`).
+    pub(crate) const FORMAT_1_COMPLETED: &str = "6964014345671f309ac0a35f2a3550e1cd36201ad1ec9f963cf94ebe5d2f96dfa56c6cd400c9000200086c6f636174696f6e000000152f7061796d656e74732f7061795f66697874757265000c636f6e74656e742d74797065000000106170706c69636174696f6e2f6a736f6e7b22616d6f756e74223a313030302c226964223a227061795f66697874757265227d";
+    pub(crate) const FORMAT_1_PENDING: &str = "69640150509719dfb384885fbb736892a50db41928e0a28f0b42cbb0565ce2fb0c7db8156cb4c98a4632df7d0e74873879612100";
+
+    fn hex(s: &str) -> Bytes {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn the_previous_releases_records_decode_and_are_written_again_byte_for_byte() {
+        let completed = Record::decode(hex(FORMAT_1_COMPLETED)).expect("decodes");
+        let Record::Completed {
+            fingerprint,
+            response,
+        } = &completed
+        else {
+            panic!("a completed record: {completed:?}");
+        };
+        assert_eq!(fingerprint.encoding(), FingerprintEncoding::RAW_V2);
+        assert_eq!(response.status, StatusCode::CREATED);
+        assert_eq!(&response.body[..], br#"{"amount":1000,"id":"pay_fixture"}"#);
+        // This release writes a raw/v2 record in format 1, exactly as the previous one did: the
+        // previous release reads what this one writes while both share a store.
+        assert_eq!(
+            encode_completed(fingerprint, response).expect("encodes"),
+            hex(FORMAT_1_COMPLETED)
+        );
+        let pending = Record::decode(hex(FORMAT_1_PENDING)).expect("decodes");
+        let Record::Pending { fingerprint, token } = &pending else {
+            panic!("a pending record: {pending:?}");
+        };
+        assert_eq!(fingerprint.encoding(), FingerprintEncoding::RAW_V2);
+        assert_eq!(encode_pending(fingerprint, token), hex(FORMAT_1_PENDING));
+    }
+
+    fn other_encoding() -> Fingerprint {
+        Fingerprint::new(FingerprintEncoding::from_id(200), *fp().as_bytes())
+    }
+
+    #[test]
+    fn another_encoding_is_written_in_format_2_and_round_trips() {
+        let pending = Record::Pending {
+            fingerprint: other_encoding(),
+            token: OwnerToken::random(),
+        };
+        let enc = pending.encode().expect("encodes");
+        assert_eq!((enc[2], enc[3], enc[4]), (FORMAT_2, KIND_PENDING, 200));
+        assert_eq!(enc.len(), PENDING_LEN_MAX);
+        assert_eq!(Record::decode(enc).expect("decodes"), pending);
+        let completed = Record::Completed {
+            fingerprint: other_encoding(),
+            response: response(),
+        };
+        let enc = completed.encode().expect("encodes");
+        assert_eq!((enc[2], enc[3], enc[4]), (FORMAT_2, KIND_COMPLETED, 200));
+        assert_eq!(Record::decode(enc.clone()).expect("decodes"), completed);
+        // The body is length-prefixed: every prefix, also one cut inside the body, is an error.
+        for cut in 0..enc.len() {
+            assert!(Record::decode(enc.slice(..cut)).is_err(), "{cut}");
+        }
+        // A different digest or encoding is a different fingerprint.
+        assert_ne!(other_encoding(), fp());
+    }
+
+    /// A section appended to a format 2 record, as a newer release adds one.
+    fn with_section(record: &Bytes, tag: u16, data: &[u8]) -> Bytes {
+        let mut out = BytesMut::from(&record[..]);
+        out.put_u16(tag);
+        out.put_u32(u32::try_from(data.len()).expect("short"));
+        out.put_slice(data);
+        out.freeze()
+    }
+
+    #[test]
+    fn an_unknown_additional_section_is_skipped_and_a_critical_one_refused() {
+        let completed = Record::Completed {
+            fingerprint: other_encoding(),
+            response: response(),
+        };
+        let pending = Record::Pending {
+            fingerprint: other_encoding(),
+            token: OwnerToken::random(),
+        };
+        for record in [completed, pending] {
+            let enc = record.encode().expect("encodes");
+            let one = with_section(&enc, 0x0001, b"a journal this release ignores");
+            let two = with_section(&one, 0x7fff, b"");
+            assert_eq!(Record::decode(one).expect("decodes"), record);
+            assert_eq!(Record::decode(two.clone()).expect("decodes"), record);
+            let critical = with_section(&two, SECTION_CRITICAL | 1, b"x");
+            let refused = Record::decode(critical).expect_err("refused");
+            assert_eq!(refused, DecodeError::UnsupportedSection(0x8001));
+            assert!(refused.is_newer());
+            // A section cut short is truncated, not skipped.
+            assert_eq!(
+                Record::decode(two.slice(..two.len() - 1)),
+                Err(DecodeError::Truncated)
+            );
+        }
+        // A raw/v2 record in format 2 (a newer release may write one, with sections) is read.
+        let mut raw_v2 = BytesMut::new();
+        raw_v2.put_slice(b"id\x02P\x02");
+        raw_v2.put_slice(fp().as_bytes());
+        raw_v2.put_slice(&[7; 16]);
+        let raw_v2 = with_section(&raw_v2.freeze(), 0x0002, b"steps");
+        assert_eq!(
+            Record::decode(raw_v2).expect("decodes"),
+            Record::Pending {
+                fingerprint: fp(),
+                token: OwnerToken::from_bytes([7; 16])
+            }
+        );
+    }
+
+    #[test]
+    fn a_newer_format_or_kind_is_refused_as_newer_not_as_corrupt() {
+        let mut enc = BytesMut::from(&encode_pending(&fp(), &OwnerToken::random())[..]);
+        enc[2] = 3;
+        let err = Record::decode(enc.clone().freeze()).expect_err("refused");
+        assert_eq!(err, DecodeError::UnsupportedVersion(3));
+        assert!(err.is_newer());
+        assert!(err.to_string().contains("newer release"), "{err}");
+        enc[2] = FORMAT_2;
+        enc[3] = b'R';
+        let err = Record::decode(enc.freeze()).expect_err("refused");
+        assert_eq!(err, DecodeError::UnknownKind(b'R'));
+        assert!(err.is_newer());
+        assert!(!DecodeError::Truncated.is_newer());
+        assert!(!DecodeError::NotARecord.is_newer());
     }
 
     #[test]

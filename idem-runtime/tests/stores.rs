@@ -81,9 +81,11 @@ async fn redis_harness_with(lua_claim: bool) -> Harness {
 }
 
 suite!(memory, memory());
-suite!(redis_store, redis_harness(); corrupt_stored_values_are_errors);
+suite!(redis_store, redis_harness(); corrupt_stored_values_are_errors,
+    records_of_the_previous_release_replay, newer_records_are_read_or_refused);
 // The claim a server older than Redis 7.0 gets: the same suite over the Lua claim script.
-suite!(redis_lua_claim, redis_lua_harness(); corrupt_stored_values_are_errors);
+suite!(redis_lua_claim, redis_lua_harness(); corrupt_stored_values_are_errors,
+    records_of_the_previous_release_replay, newer_records_are_read_or_refused);
 #[cfg(feature = "postgres")]
 suite!(postgres_store, postgres::harness(); corrupt_stored_values_are_errors);
 

@@ -11,12 +11,14 @@ use actix_web::{
     http::header::{self, HeaderName, HeaderValue},
     web, HttpRequest, HttpResponse,
 };
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use tracing::{field, Instrument as _, Span};
 
 use crate::{
     config::Idempotency,
-    fingerprint::FingerprintHasher,
+    encoding::FingerprintEncoding,
+    fingerprint::{Fingerprint, FingerprintHasher},
     key::IdempotencyKey,
     lifecycle::{self, Outcome, Owned, Policy, Settlement},
     observe,
@@ -24,7 +26,7 @@ use crate::{
     protocol::Claim,
     record::StoredResponse,
     scope::{IdempotencyScope, RecordKey},
-    store::Ticket,
+    store::{StoreError, Ticket},
 };
 
 mod body;
@@ -176,21 +178,51 @@ where
     };
     let ticket = Ticket::new(address, hasher.finish());
 
-    // 4. Claim.
-    match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
-        Ok(Claim::Acquired) => {}
-        Ok(Claim::Replay(stored)) => {
+    // 4. Claim, compared in the record's fingerprint encoding.
+    let claimed = lifecycle::claim_in_record_encoding(
+        &*settings.store,
+        ticket,
+        &policy,
+        &settings.waiters,
+        |encoding| fingerprint_in(encoding, &req, &body),
+    )
+    .await;
+    let ticket = match claimed {
+        Ok((Claim::Acquired, ticket)) => ticket,
+        Ok((Claim::Replay(stored), _)) => {
             record(spec.handler, Outcome::Replayed);
             return replay(stored);
         }
-        Ok(Claim::Mismatch) => {
+        Ok((Claim::Mismatch, _)) => {
             record(spec.handler, Outcome::Mismatch);
             return Problem::KeyReused.to_response();
         }
-        Ok(Claim::InFlight { retry_after }) => {
+        Ok((Claim::InFlight { retry_after }, _)) => {
             record(spec.handler, Outcome::InFlight);
             let retry_after = lifecycle::retry_after_hint(retry_after, spec.timing.typical());
             return Problem::InFlight { retry_after }.to_response();
+        }
+        Ok((Claim::OtherEncoding { encoding }, _)) => {
+            record(spec.handler, Outcome::NewerRecord);
+            tracing::warn!(
+                record_encoding = %encoding,
+                "the key's record is in a fingerprint encoding this release does not compute \
+                 (written by a newer release during a rolling upgrade?): answering 503, the \
+                 handler did not run"
+            );
+            return Problem::UnreadableRecord {
+                retry_after: settings.unavailable_retry_after,
+            }
+            .to_response();
+        }
+        // Never fails open: the record exists, this instance only cannot read it.
+        Err(err @ StoreError::Unreadable(_)) => {
+            record(spec.handler, Outcome::NewerRecord);
+            tracing::warn!(error = %err, "answering 503, the handler did not run");
+            return Problem::UnreadableRecord {
+                retry_after: settings.unavailable_retry_after,
+            }
+            .to_response();
         }
         Err(err) if spec.fail_open => {
             record(spec.handler, Outcome::StoreErrorFailOpen);
@@ -206,7 +238,7 @@ where
             }
             .to_response();
         }
-    }
+    };
 
     // 5. Run, 6. settle. The handler runs in this request's task; if the request is dropped before
     // it finishes (the client went away), what is left of it moves to a task of its own and still
@@ -270,6 +302,25 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
         lines(header::CONTENT_TYPE).as_slice(),
         lines(header::CONTENT_ENCODING).as_slice(),
     )
+}
+
+/// The request's fingerprint in `encoding`, for a record written in another encoding than the
+/// handler's (see [`lifecycle::claim_in_record_encoding`]); `None` for an encoding this release
+/// does not compute. The one place that maps each [`FingerprintEncoding`] id to its computation.
+fn fingerprint_in(
+    encoding: FingerprintEncoding,
+    req: &HttpRequest,
+    body: &Bytes,
+) -> Option<Fingerprint> {
+    match encoding {
+        FingerprintEncoding::RAW_V2 => {
+            let mut hasher = fingerprint_head(req);
+            hasher.update(body);
+            Some(hasher.finish())
+        }
+        // The JSON encoding joins here, computed with the handler's JSON options.
+        _ => None,
+    }
 }
 
 /// The lines of one request header.

@@ -38,6 +38,8 @@ pub(crate) use self::{
 };
 
 use crate::{
+    encoding::FingerprintEncoding,
+    fingerprint::Fingerprint,
     observe::{self, Op},
     policy::{self, Disposition, ServerErrors},
     protocol::Claim,
@@ -106,6 +108,49 @@ pub(crate) async fn claim(
     let waited = wait_for(store, ticket, policy, waiters, answer, wait).await;
     observe::waited(policy.handler, started.elapsed());
     waited
+}
+
+/// How many times one request is fingerprinted again in a record's encoding and claimed again: a
+/// record changes encoding only when another instance replaces it, so a second change within one
+/// request is already an unusual race; after this many, the request answers as for an unknown
+/// encoding (503).
+pub(crate) const REENCODE_LIMIT: usize = 2;
+
+/// [`claim`], compared in the record's fingerprint encoding: when the claim finds a record in
+/// another encoding than the ticket's ([`Claim::OtherEncoding`], a record of another release or of
+/// the handler's previous fingerprint mode, during a rolling upgrade), `fingerprint_in` computes
+/// the request's fingerprint in that encoding (the body is still in memory) and the claim is sent
+/// again with it: one more store round trip, only then. Answers the claim and the ticket it was
+/// made with (the one the request then owns, completes or releases).
+///
+/// `fingerprint_in` answers `None` for an encoding this release does not know (written by a newer
+/// release): the answer stays [`Claim::OtherEncoding`], which the caller turns into a 503. Digests
+/// of different encodings never agree, so no request meets a record it is not the same request
+/// as in the record's own encoding.
+pub(crate) async fn claim_in_record_encoding(
+    store: &dyn Store,
+    mut ticket: Ticket,
+    policy: &Policy,
+    waiters: &Waiters,
+    mut fingerprint_in: impl FnMut(FingerprintEncoding) -> Option<Fingerprint>,
+) -> Result<(Claim, Ticket), StoreError> {
+    let mut again = 0;
+    loop {
+        let answer = claim(store, &ticket, policy, waiters).await?;
+        let Claim::OtherEncoding { encoding } = answer else {
+            return Ok((answer, ticket));
+        };
+        let Some(fingerprint) = fingerprint_in(encoding).filter(|_| again < REENCODE_LIMIT) else {
+            return Ok((answer, ticket));
+        };
+        again += 1;
+        tracing::debug!(
+            record = %encoding,
+            request = %ticket.fingerprint().encoding(),
+            "the record's fingerprint is in another encoding: claiming again in the record's"
+        );
+        ticket = Ticket::new(*ticket.key(), fingerprint);
+    }
 }
 
 /// Polls an in-flight record (with the other waiters of this process) until it is no longer in
@@ -800,6 +845,7 @@ mod tests {
             Outcome::BadBody,
             Outcome::StoreError,
             Outcome::StoreErrorFailOpen,
+            Outcome::NewerRecord,
             Outcome::Misconfigured,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|o| o.as_str()).collect();
@@ -876,6 +922,88 @@ mod tests {
         let polls = (2000 / POLL_INTERVAL.as_millis()) as usize + 2;
         assert!(claims <= 200 + polls, "{claims} claims");
         assert_eq!(waiters.len(), 0, "the group is gone with its last waiter");
+    }
+
+    /// A record written in the raw encoding meets a handler that fingerprints in another one
+    /// (here a stand-in, id 200, over the same fields): the retry is compared in the record's
+    /// encoding, for one more claim, and a different request still never meets the record.
+    #[tokio::test]
+    async fn a_record_in_another_encoding_is_compared_in_its_own() {
+        let newer = FingerprintEncoding::from_id(200);
+        let in_newer = |body: &[u8]| {
+            let raw = Fingerprint::compute("POST", "/p", "", body);
+            let mut digest = *raw.as_bytes();
+            digest[0] ^= 0xff;
+            Ticket::new(
+                RecordKey::from_bytes([9; 32]),
+                Fingerprint::new(newer, digest),
+            )
+        };
+        let raw_of = |body: &'static [u8]| {
+            move |encoding: FingerprintEncoding| {
+                (encoding == FingerprintEncoding::RAW_V2)
+                    .then(|| Fingerprint::compute("POST", "/p", "", body))
+            }
+        };
+        let counting = Arc::new(Counting {
+            inner: MemoryStore::new(),
+            claims: AtomicUsize::new(0),
+        });
+        let store: Arc<dyn Store> = counting.clone();
+        let p = policy(30_000);
+        let w = Waiters::default();
+        // The previous release's request, still running: the same request waits (409).
+        let first = acquire(&store, &ticket(b"a"), p).await;
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, raw_of(b"a"))
+            .await
+            .expect("claims");
+        assert!(matches!(answer, Claim::InFlight { .. }), "{answer:?}");
+        // Completed: the same request replays, in two claims; a different one is 422.
+        first
+            .settle(
+                Settlement::Response(response(201)),
+                Box::new(StoreCompletion),
+            )
+            .await;
+        let before = counting.claims.load(Ordering::Relaxed);
+        let (answer, used) =
+            claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, raw_of(b"a"))
+                .await
+                .expect("claims");
+        assert_eq!(answer, Claim::Replay(response(201)));
+        assert_eq!(used.fingerprint().encoding(), FingerprintEncoding::RAW_V2);
+        assert_eq!(counting.claims.load(Ordering::Relaxed) - before, 2);
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"b"), &p, &w, raw_of(b"b"))
+            .await
+            .expect("claims");
+        assert_eq!(answer, Claim::Mismatch);
+        // A ticket in the record's own encoding costs one claim, as before.
+        let before = counting.claims.load(Ordering::Relaxed);
+        let (answer, _) = claim_in_record_encoding(&*store, ticket(b"a"), &p, &w, raw_of(b"a"))
+            .await
+            .expect("claims");
+        assert_eq!(answer, Claim::Replay(response(201)));
+        assert_eq!(counting.claims.load(Ordering::Relaxed) - before, 1);
+        // An encoding this release cannot compute stays unanswered: the caller's 503.
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, |_| None)
+            .await
+            .expect("claims");
+        assert_eq!(
+            answer,
+            Claim::OtherEncoding {
+                encoding: FingerprintEncoding::RAW_V2
+            }
+        );
+        // A record that keeps answering another encoding is given up on after the limit.
+        let calls = AtomicUsize::new(0);
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, |_| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Some(in_newer(b"a").fingerprint().to_owned())
+        })
+        .await
+        .expect("claims");
+        assert!(matches!(answer, Claim::OtherEncoding { .. }), "{answer:?}");
+        assert_eq!(calls.load(Ordering::Relaxed), REENCODE_LIMIT + 1);
     }
 
     /// An owner in this process wakes its waiters when it settles: they replay at once.

@@ -43,6 +43,9 @@ pub(crate) enum Outcome {
     StoreError,
     /// The store failed; the handler ran without idempotency (`fail_open`).
     StoreErrorFailOpen,
+    /// The key's record was written by a newer release (a record format or a fingerprint
+    /// encoding this one does not read); the handler did not run: 503.
+    NewerRecord,
     /// The app is misconfigured (no store, no scope, invalid settings): 500.
     Misconfigured,
 }
@@ -66,6 +69,7 @@ impl Outcome {
             Self::BadBody => "bad_body",
             Self::StoreError => "store_error",
             Self::StoreErrorFailOpen => "store_error_fail_open",
+            Self::NewerRecord => "newer_record",
             Self::Misconfigured => "misconfigured",
         }
     }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::{
     fingerprint::Fingerprint,
     protocol::Claim,
-    record::{pending_bytes, DecodeError, EncodeError, OwnerToken, StoredResponse, PENDING_LEN},
+    record::{pending_bytes, DecodeError, EncodeError, OwnerToken, PendingBytes, StoredResponse},
     scope::RecordKey,
 };
 
@@ -28,7 +28,7 @@ pub struct Ticket {
     key: RecordKey,
     fingerprint: Fingerprint,
     token: OwnerToken,
-    pending: [u8; PENDING_LEN],
+    pending: PendingBytes,
 }
 
 impl Ticket {
@@ -66,7 +66,7 @@ impl Ticket {
     /// The encoded pending record this ticket writes; the store compares against it to fence
     /// renew, complete and release.
     pub fn pending_record(&self) -> &[u8] {
-        &self.pending
+        self.pending.as_slice()
     }
 }
 
@@ -100,6 +100,11 @@ pub enum StoreError {
     /// The store did not answer within the configured timeout.
     #[error("the idempotency store did not answer within {0:?}")]
     Timeout(Duration),
+    /// The store holds a record that this release cannot read: a record format, a record kind
+    /// or a critical section of a newer release. The request answers 503 (its handler does not
+    /// run, even with `fail_open`) until an instance of the newer release serves it.
+    #[error("the stored record was written by a newer release of idem: {0}")]
+    Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store holds a value under the record's key that is not a valid record.
     #[error("the stored record is corrupt: {0}")]
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -126,7 +131,11 @@ pub enum StoreError {
 
 impl From<DecodeError> for StoreError {
     fn from(err: DecodeError) -> Self {
-        Self::Corrupt(Box::new(err))
+        if err.is_newer() {
+            Self::Unreadable(Box::new(err))
+        } else {
+            Self::Corrupt(Box::new(err))
+        }
     }
 }
 
@@ -147,9 +156,11 @@ impl From<EncodeError> for StoreError {
 #[async_trait]
 pub trait Store: std::any::Any + Send + Sync + 'static {
     /// Claims the record for `ticket`: creates a pending record with a `lease` when none exists, and
-    /// otherwise classifies the existing one: a completed record with the ticket's fingerprint is a
-    /// [`Claim::Replay`], a pending one a [`Claim::InFlight`], any record with another fingerprint
-    /// a [`Claim::Mismatch`] (it wins over in-flight). A pending record that holds the ticket's own
+    /// otherwise classifies the existing one: a record whose fingerprint is in another encoding
+    /// than the ticket's ([`Fingerprint::encoding`](crate::Fingerprint::encoding)) is a
+    /// [`Claim::OtherEncoding`] with the record's encoding; otherwise a completed record with the
+    /// ticket's fingerprint is a [`Claim::Replay`], a pending one a [`Claim::InFlight`], any
+    /// record with another fingerprint a [`Claim::Mismatch`] (it wins over in-flight). A pending record that holds the ticket's own
     /// token is [`Claim::Acquired`]: an earlier attempt of this same claim whose answer was lost.
     ///
     /// # Errors

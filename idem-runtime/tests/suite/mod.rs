@@ -7,7 +7,8 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use idem_runtime::{
-    testing, Claim, OwnerToken, Ownership, Store, StoreError, StoredResponse, Ticket,
+    testing, Claim, Fingerprint, FingerprintEncoding, OwnerToken, Ownership, Store, StoreError,
+    StoredResponse, Ticket,
 };
 
 use actix_web::http::{
@@ -381,7 +382,7 @@ pub async fn corrupt_stored_values_are_errors(h: Harness) {
         b"",
         b"id",
         b"id\x01C",
-        b"id\x09Cxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        b"id\x01Cxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
     ] {
         let t = ticket("alice", "corrupt", garbage);
         write_raw(t.clone(), garbage.to_vec()).await;
@@ -398,9 +399,207 @@ pub async fn corrupt_stored_values_are_errors(h: Harness) {
     }
 }
 
+/// A fingerprint encoding no release knows yet, as a newer release would write one.
+const NEWER: FingerprintEncoding = FingerprintEncoding::from_id(200);
+
+/// `t`'s request fingerprinted in `encoding` (a stand-in digest: the same bytes).
+fn in_encoding(t: &Ticket, encoding: FingerprintEncoding) -> Ticket {
+    testing::ticket(
+        *t.key(),
+        Fingerprint::new(encoding, *t.fingerprint().as_bytes()),
+    )
+}
+
+/// A store keeps the encoding of a record's fingerprint: a ticket in another encoding learns the
+/// record's (to fingerprint the request again in it), in every state, and is never answered as
+/// the same request or as a different one.
+pub async fn records_keep_their_fingerprint_encoding(h: Harness) {
+    let raw = ticket("alice", "encoding", b"{}");
+    let newer = in_encoding(&raw, NEWER);
+    assert_eq!(must_claim(&*h.store, &newer, LEASE).await, Claim::Acquired);
+    let other = Claim::OtherEncoding { encoding: NEWER };
+    assert_eq!(must_claim(&*h.store, &retry_of(&raw), LEASE).await, other);
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&newer), LEASE).await,
+        Claim::InFlight { .. }
+    ));
+    let done = h.store.complete(&newer, &response(b"newer"), TTL).await;
+    assert_eq!(done.expect("completes"), Ownership::Held);
+    assert_eq!(must_claim(&*h.store, &retry_of(&raw), LEASE).await, other);
+    assert_eq!(
+        must_claim(&*h.store, &retry_of(&newer), LEASE).await,
+        Claim::Replay(response(b"newer"))
+    );
+    // And the other way round: a raw record, met by a ticket in another encoding.
+    let raw = ticket("alice", "encoding-raw", b"{}");
+    assert_eq!(must_claim(&*h.store, &raw, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        must_claim(&*h.store, &in_encoding(&raw, NEWER), LEASE).await,
+        Claim::OtherEncoding {
+            encoding: FingerprintEncoding::RAW_V2
+        }
+    );
+}
+
+/// Records the previous release wrote (record format 1, fingerprint encoding raw/v2), pinned as
+/// the bytes its own code path stored in Redis for `POST /payments`
+/// (`{"amount":1000,"currency":"eur"}`, answered 201) and for a request still running.
+pub const FORMAT_1_COMPLETED: &str = "6964014345671f309ac0a35f2a3550e1cd36201ad1ec9f963cf94ebe5d2f96dfa56c6cd400c9000200086c6f636174696f6e000000152f7061796d656e74732f7061795f66697874757265000c636f6e74656e742d74797065000000106170706c69636174696f6e2f6a736f6e7b22616d6f756e74223a313030302c226964223a227061795f66697874757265227d";
+/// The pending record of the previous release's running request.
+pub const FORMAT_1_PENDING: &str = "69640150509719dfb384885fbb736892a50db41928e0a28f0b42cbb0565ce2fb0c7db8156cb4c98a4632df7d0e74873879612100";
+
+pub fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// The fingerprint a pinned record holds (bytes 4..36 of format 1).
+pub fn fingerprint_of(record: &[u8]) -> Fingerprint {
+    Fingerprint::from_bytes(record[4..36].try_into().expect("32 bytes"))
+}
+
+/// The replayed body of the completed fixture.
+pub const FIXTURE_BODY: &[u8] = br#"{"amount":1000,"id":"pay_fixture"}"#;
+
+fn expect_replay(claim: Claim) -> StoredResponse {
+    match claim {
+        Claim::Replay(stored) => stored,
+        other => panic!("expected a replay, got {other:?}"),
+    }
+}
+
+/// The previous release's records, as it stored them: their retries replay (or wait), a
+/// different request with their key is still a mismatch, and this release's own pending
+/// record is byte for byte the previous release's (so the previous release's fenced writes and
+/// this one's compare the same bytes while both share the store).
+pub async fn records_of_the_previous_release_replay(h: Harness) {
+    let write_raw = h
+        .write_raw
+        .as_ref()
+        .expect("this test is only instantiated for backends that hold encoded bytes");
+    let completed = hex(FORMAT_1_COMPLETED);
+    let t = testing::ticket(
+        testing::record_key("alice", "previous-completed"),
+        fingerprint_of(&completed),
+    );
+    write_raw(t.clone(), completed).await;
+    let stored = expect_replay(must_claim(&*h.store, &t, LEASE).await);
+    assert_eq!(stored.status, StatusCode::CREATED);
+    assert_eq!(&stored.body[..], FIXTURE_BODY);
+    let different = testing::ticket(
+        *t.key(),
+        testing::fingerprint("POST", "/payments", "", b"{}"),
+    );
+    assert_eq!(
+        must_claim(&*h.store, &different, LEASE).await,
+        Claim::Mismatch
+    );
+
+    let pending = hex(FORMAT_1_PENDING);
+    let token = OwnerToken::from_bytes(pending[36..52].try_into().expect("16 bytes"));
+    let key = testing::record_key("alice", "previous-pending");
+    let owner = testing::ticket_with_token(key, fingerprint_of(&pending), token);
+    assert_eq!(owner.pending_record(), &pending[..]);
+    write_raw(owner.clone(), pending).await;
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&owner), LEASE).await,
+        Claim::InFlight { .. }
+    ));
+    let other = testing::ticket(key, testing::fingerprint("POST", "/payments", "", b"{}"));
+    assert_eq!(must_claim(&*h.store, &other, LEASE).await, Claim::Mismatch);
+    // Its owner (an instance of the previous release) completes it; the retry replays.
+    let done = h.store.complete(&owner, &response(b"late"), TTL).await;
+    assert_eq!(done.expect("completes"), Ownership::Held);
+    assert_eq!(
+        expect_replay(must_claim(&*h.store, &retry_of(&owner), LEASE).await),
+        response(b"late")
+    );
+}
+
+/// A format 2 record with `encoding`, `digest`, kind `kind` and `rest` (the kind's part), then
+/// `sections`: what a newer release may write.
+pub fn format_2(
+    kind: u8,
+    encoding: u8,
+    fingerprint: &Fingerprint,
+    rest: &[u8],
+    sections: &[(u16, &[u8])],
+) -> Vec<u8> {
+    let mut out = b"id\x02".to_vec();
+    out.push(kind);
+    out.push(encoding);
+    out.extend_from_slice(fingerprint.as_bytes());
+    out.extend_from_slice(rest);
+    for (tag, data) in sections {
+        out.extend_from_slice(&tag.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(data.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// The completed part of a format 2 record: 201, no header, `body`.
+pub fn completed_part(body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 201, 0, 0];
+    out.extend_from_slice(&u32::try_from(body.len()).expect("short").to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// This release meeting records of a newer one: an additional section it does not know is
+/// skipped (the record replays), a newer format, a record kind or a critical section it does
+/// not know is refused as unreadable (never misread, never a mismatch), and a fingerprint
+/// encoding it does not know is named in the answer.
+pub async fn newer_records_are_read_or_refused(h: Harness) {
+    let write_raw = h
+        .write_raw
+        .as_ref()
+        .expect("this test is only instantiated for backends that hold encoded bytes");
+    let t = ticket("alice", "newer", b"{}");
+    let fp = *t.fingerprint();
+    let body = completed_part(b"paid");
+    let with_steps = format_2(b'C', 2, &fp, &body, &[(0x0001, b"journal"), (0x0042, b"")]);
+    write_raw(t.clone(), with_steps).await;
+    let stored = expect_replay(must_claim(&*h.store, &retry_of(&t), LEASE).await);
+    assert_eq!(
+        (stored.status, &stored.body[..]),
+        (StatusCode::CREATED, &b"paid"[..])
+    );
+
+    let pending = format_2(b'P', 2, &fp, &[3; 16], &[(0x0001, b"journal")]);
+    write_raw(t.clone(), pending).await;
+    assert!(matches!(
+        must_claim(&*h.store, &retry_of(&t), LEASE).await,
+        Claim::InFlight { .. }
+    ));
+
+    let mut format_3 = format_2(b'C', 2, &fp, &body, &[]);
+    format_3[2] = 3;
+    for unreadable in [
+        format_3,
+        format_2(b'C', 2, &fp, &body, &[(0x8001, b"must understand")]),
+        format_2(b'R', 2, &fp, &body, &[]),
+    ] {
+        write_raw(t.clone(), unreadable.clone()).await;
+        match h.store.claim(&retry_of(&t), LEASE).await {
+            Err(StoreError::Unreadable(_)) => {}
+            other => panic!("expected an unreadable record for {unreadable:?}, got {other:?}"),
+        }
+    }
+
+    write_raw(t.clone(), format_2(b'C', NEWER.id(), &fp, &body, &[])).await;
+    assert_eq!(
+        must_claim(&*h.store, &retry_of(&t), LEASE).await,
+        Claim::OtherEncoding { encoding: NEWER }
+    );
+}
+
 /// Instantiates the suite for one backend: `suite!(memory, harness_expr)`, where the expression
 /// is a future yielding a [`Harness`]. Backends that hold encoded bytes add
-/// `; corrupt_stored_values_are_errors`.
+/// `; corrupt_stored_values_are_errors, records_of_the_previous_release_replay,
+/// newer_records_are_read_or_refused`.
 #[macro_export]
 macro_rules! suite {
     ($name:ident, $harness:expr $(; $($extra:ident),*)?) => {
@@ -419,6 +618,7 @@ macro_rules! suite {
                 completed_records_expire_after_their_ttl,
                 every_key_has_a_ttl_within_bounds,
                 hundreds_of_concurrent_claims_yield_one_owner,
+                records_keep_their_fingerprint_encoding,
                 $($($extra,)*)?
             );
         }

@@ -31,6 +31,7 @@ use self::verify::Found;
 pub use self::verify::SchemaMismatch;
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
+    encoding::FingerprintEncoding,
     fingerprint::Fingerprint,
     protocol::{classify, Claim},
     record::{encode_completed, OwnerToken, Record, StoredResponse},
@@ -61,7 +62,7 @@ use crate::{
 /// given by [`PostgresStore::schema_sql`] for a configured table name) and call
 /// [`PostgresStore::verify_schema`] at start.
 ///
-/// The schema has a version, kept in the table's comment (`idem schema 2`) and raised by the
+/// The schema has a version, kept in the table's comment (`idem schema 3`) and raised by the
 /// schema SQL when a release adds a migration step. Steps only add (a column with a default, a
 /// function), so a build accepts a table of a newer version, and `migrate` of an older build
 /// leaves a newer table as it is: instances of two releases can share a table during a rolling
@@ -571,9 +572,20 @@ fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
     let owner: Option<Vec<u8>> = row.try_get(3).map_err(column)?;
     let response: Option<Vec<u8>> = row.try_get(4).map_err(column)?;
     let remaining: Option<i64> = row.try_get(5).map_err(column)?;
+    let encoding: Option<i16> = row.try_get(6).map_err(column)?;
+    // NULL: a row of the previous release (or claimed through its claim function), in the only
+    // encoding it had.
+    let encoding = match encoding {
+        None => FingerprintEncoding::RAW_V2,
+        Some(id) => u8::try_from(id)
+            .map(FingerprintEncoding::from_id)
+            .map_err(|_| {
+                StoreError::Protocol(format!("a record with fingerprint encoding {id}"))
+            })?,
+    };
     let fingerprint = fingerprint
         .and_then(|f| <[u8; 32]>::try_from(f).ok())
-        .map(Fingerprint::from_bytes)
+        .map(|digest| Fingerprint::new(encoding, digest))
         .ok_or_else(|| StoreError::Protocol("a record without a 32-byte fingerprint".into()))?;
     let record = match (state.as_deref(), owner, response) {
         (Some("pending"), Some(owner), None) => Record::Pending {
@@ -585,8 +597,13 @@ fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
                 })?,
         },
         (Some("completed"), None, Some(response)) => {
+            // The record names its own encoding; the column may lag behind it on a row that an
+            // instance of the previous release (whose claim function does not set the column)
+            // took over and completed.
             let record = Record::decode(Bytes::from(response))?;
-            if !matches!(record, Record::Completed { .. }) || *record.fingerprint() != fingerprint {
+            if !matches!(record, Record::Completed { .. })
+                || record.fingerprint().as_bytes() != fingerprint.as_bytes()
+            {
                 return Err(StoreError::Protocol(
                     "a completed row whose response is not its completed record".into(),
                 ));
@@ -618,6 +635,7 @@ impl Store for PostgresStore {
                     .bind(&ticket.fingerprint().as_bytes()[..])
                     .bind(&ticket.token().as_bytes()[..])
                     .bind(sql_millis(lease))
+                    .bind(i16::from(ticket.fingerprint().encoding().id()))
                     .fetch_one(&self.inner.pool)
                     .await;
                 match row {

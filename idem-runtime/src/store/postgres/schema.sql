@@ -9,7 +9,8 @@
 -- The table's comment holds its schema version ('idem schema <n>'), set by the last statement
 -- below: `PostgresStore::migrate` and `PostgresStore::verify_schema` refuse a table whose version
 -- is older than the one this build needs, or that lacks a column, the unique key or the claim
--- function or the lease table (step 2, version 2). Migration steps only add (a column with a default, a function), so a build accepts
+-- function or the lease table (version 2 added the lease table, version 3 the column
+-- `fingerprint_encoding` and the claim function's five-argument form). Migration steps only add (a column with a default, a function), so a build accepts
 -- a table of a newer version, and instances of the previous release keep working during a
 -- rolling upgrade. A step added to this file bumps `wanted` in the last statement (and
 -- `EXPECTED.version` in sql.rs: a unit test checks that they agree).
@@ -29,11 +30,26 @@ CREATE TABLE IF NOT EXISTS "idem_records" (
     -- The completed record in idem's versioned binary encoding (status, headers, body); NULL
     -- while pending.
     response    bytea,
+    -- The id of the encoding that computed `fingerprint`; NULL for 2 (raw/v2, the only one
+    -- before the column existed).
+    fingerprint_encoding smallint,
     CHECK (CASE state
              WHEN 'pending' THEN owner IS NOT NULL AND response IS NULL
              ELSE owner IS NULL AND response IS NOT NULL
            END)
 );
+
+-- A table created before `fingerprint_encoding` existed gets it (its rows are all in encoding 2,
+-- NULL). Looked up first: `ALTER TABLE` would lock the table even when the column exists.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = '"idem_records"'::regclass
+                      AND attname = 'fingerprint_encoding' AND NOT attisdropped) THEN
+        ALTER TABLE "idem_records" ADD COLUMN fingerprint_encoding smallint;
+    END IF;
+END
+$$;
 
 -- The sweep deletes expired rows oldest first, in batches.
 CREATE INDEX IF NOT EXISTS "idem_records_expires_at" ON "idem_records" (expires_at);
@@ -54,10 +70,10 @@ CREATE TABLE IF NOT EXISTS "idem_records_leases" (
     expires_at  timestamptz NOT NULL
 );
 
--- Claims the record `p_key` for the request (`p_fingerprint`, `p_owner`) with a lease of
--- `p_lease_ms`, in one call. Answers `o_acquired = true` when the request now owns the record
--- (there was none, it had expired, or it is this owner's own pending record: a retried claim);
--- otherwise the live record it found, with the milliseconds left before it expires.
+-- Claims the record `p_key` for the request (`p_fingerprint` in encoding `p_encoding`, `p_owner`)
+-- with a lease of `p_lease_ms`, in one call. Answers `o_acquired = true` when the request now owns
+-- the record (there was none, it had expired, or it is this owner's own pending record: a retried
+-- claim); otherwise the live record it found, with the milliseconds left before it expires.
 --
 -- Each statement below runs on a fresh snapshot (READ COMMITTED), so a row that a concurrent
 -- transaction committed while this one waited on it (the INSERT waits for a concurrent insert of
@@ -69,12 +85,14 @@ CREATE OR REPLACE FUNCTION "idem_records_claim"(
     p_fingerprint bytea,
     p_owner bytea,
     p_lease_ms bigint,
+    p_encoding smallint,
     OUT o_acquired boolean,
     OUT o_state text,
     OUT o_fingerprint bytea,
     OUT o_owner bytea,
     OUT o_response bytea,
-    OUT o_remaining_ms bigint
+    OUT o_remaining_ms bigint,
+    OUT o_encoding smallint
 ) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     attempt integer := 0;
@@ -84,8 +102,9 @@ BEGIN
         -- 1. A live record: answer from it, writing nothing (a replay or a duplicate). A pending
         -- record lives until the later of its own deadline and its owner's renewed lease.
         SELECT r.state, r.fingerprint, r.owner, r.response,
-               ceil(extract(epoch FROM greatest(r.expires_at, l.expires_at) - now()) * 1000)::bigint
-          INTO o_state, o_fingerprint, o_owner, o_response, o_remaining_ms
+               ceil(extract(epoch FROM greatest(r.expires_at, l.expires_at) - now()) * 1000)::bigint,
+               r.fingerprint_encoding
+          INTO o_state, o_fingerprint, o_owner, o_response, o_remaining_ms, o_encoding
           FROM "idem_records" r
           LEFT JOIN "idem_records_leases" l ON l.key = r.key AND l.owner = r.owner
          WHERE r.key = p_key AND greatest(r.expires_at, l.expires_at) > now();
@@ -97,9 +116,10 @@ BEGIN
             -- This owner's own pending record (its earlier claim's answer was lost): renew it below.
         ELSE
             -- 2. No record: create it. Waits for a concurrent insert of the same key to finish.
-            INSERT INTO "idem_records" (key, fingerprint, state, owner, expires_at)
+            INSERT INTO "idem_records" (key, fingerprint, state, owner, expires_at,
+                                        fingerprint_encoding)
             VALUES (p_key, p_fingerprint, 'pending', p_owner,
-                    now() + p_lease_ms * interval '1 millisecond')
+                    now() + p_lease_ms * interval '1 millisecond', p_encoding)
             ON CONFLICT (key) DO NOTHING;
             IF FOUND THEN
                 o_acquired := true;
@@ -111,6 +131,7 @@ BEGIN
         -- after waiting for a concurrent writer, so two take-overs cannot both succeed.
         UPDATE "idem_records" r
            SET fingerprint = p_fingerprint,
+               fingerprint_encoding = p_encoding,
                state = 'pending',
                owner = p_owner,
                response = NULL,
@@ -127,6 +148,7 @@ BEGIN
             o_owner := NULL;
             o_response := NULL;
             o_remaining_ms := NULL;
+            o_encoding := NULL;
             RETURN;
         END IF;
         -- Another transaction created, took over or deleted the record in between: look again.
@@ -138,10 +160,28 @@ BEGIN
 END
 $$;
 
+-- The claim of the previous release (no encoding: its fingerprints are all in encoding 2, NULL),
+-- kept so that its instances keep claiming, with the same answers, while a rolling upgrade runs.
+CREATE OR REPLACE FUNCTION "idem_records_claim"(
+    p_key bytea,
+    p_fingerprint bytea,
+    p_owner bytea,
+    p_lease_ms bigint,
+    OUT o_acquired boolean,
+    OUT o_state text,
+    OUT o_fingerprint bytea,
+    OUT o_owner bytea,
+    OUT o_response bytea,
+    OUT o_remaining_ms bigint
+) LANGUAGE sql VOLATILE AS $$
+    SELECT c.o_acquired, c.o_state, c.o_fingerprint, c.o_owner, c.o_response, c.o_remaining_ms
+      FROM "idem_records_claim"(p_key, p_fingerprint, p_owner, p_lease_ms, NULL::smallint) c
+$$;
+
 -- The schema version, in the table's comment; never lowered (a newer release's table keeps its).
 DO $$
 DECLARE
-    wanted constant integer := 2;
+    wanted constant integer := 3;
     found_version integer := coalesce(
         substring(obj_description('"idem_records"'::regclass, 'pg_class')
                   FROM '^idem schema ([0-9]+)$')::integer,

@@ -23,7 +23,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// A migration step added to [`SCHEMA`] bumps `version` (both here and there) and, when it adds
 /// a column the statements use, adds one line to `columns`.
 pub(super) const EXPECTED: ExpectedSchema = ExpectedSchema {
-    version: 2,
+    version: 3,
     columns: &[
         ("key", "bytea"),
         ("fingerprint", "bytea"),
@@ -31,8 +31,9 @@ pub(super) const EXPECTED: ExpectedSchema = ExpectedSchema {
         ("owner", "bytea"),
         ("expires_at", "timestamp with time zone"),
         ("response", "bytea"),
+        ("fingerprint_encoding", "smallint"),
     ],
-    claim_args: "bytea,bytea,bytea,bigint",
+    claim_args: "bytea,bytea,bytea,bigint,smallint",
 };
 
 /// The shape of the table and claim function a build needs (see [`EXPECTED`]).
@@ -160,8 +161,8 @@ impl Statements {
         );
         Self {
             claim: format!(
-                "SELECT o_acquired, o_state, o_fingerprint, o_owner, o_response, o_remaining_ms \
-                 FROM {}($1, $2, $3, $4)",
+                "SELECT o_acquired, o_state, o_fingerprint, o_owner, o_response, o_remaining_ms, \
+                 o_encoding FROM {}($1, $2, $3, $4, $5)",
                 table.qualified("_claim")
             ),
             // The renewal writes the lease row, never the record's: a handler's transaction that
