@@ -17,7 +17,7 @@ use deadpool_redis::{
 
 use super::{
     eviction::EvictionCheck,
-    lanes::Lanes,
+    lanes::{Call, Lanes},
     scripts::{
         native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
         ClaimMode, Lua, Scripts,
@@ -93,7 +93,8 @@ impl RedisStoreBuilder {
     /// evicts idempotency records (in-flight ones first, as they have the shortest TTL), and a
     /// retry of an evicted request runs the handler a second time.
     ///
-    /// Without it, the store reads the policy the first time it connects and, unless it is
+    /// Without it, the store reads the policy on every new connection and again every
+    /// [`eviction_check_interval`](Self::eviction_check_interval) and, unless it is
     /// `noeviction`, refuses to serve: every call fails with [`StoreError::Unavailable`] wrapping
     /// [`EvictionRisk`](crate::EvictionRisk), and requests get 503. With `noeviction`, a full
     /// Redis refuses writes instead, and requests get 503 until memory frees: the safe answer.
@@ -105,9 +106,31 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How often the store reads Redis's `maxmemory-policy` again while it serves (default 5 s,
+    /// [`RedisStore::DEFAULT_EVICTION_CHECK_INTERVAL`]), so that a policy changed after start
+    /// (`CONFIG SET`, a restart with another configuration file) is refused within about this
+    /// interval. Every new connection is checked before its first call as well, whatever the
+    /// interval. The first call after the interval starts the check in the background: no request
+    /// waits for it, and it costs Redis one `CONFIG GET` per interval per store, never a command
+    /// per request. Without effect with [`allow_eviction`](Self::allow_eviction).
+    ///
+    /// # Panics
+    ///
+    /// When `every` is zero.
+    #[must_use]
+    pub fn eviction_check_interval(mut self, every: Duration) -> Self {
+        self.options
+            .set_eviction_check_interval(every, "RedisStoreBuilder");
+        self
+    }
+
     /// Builds the store. No connection is made until the first call (or [`RedisStore::check`]).
     pub fn build(self) -> RedisStore {
-        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisStoreBuilder");
+        let eviction = EvictionCheck::new(
+            self.options.allow_eviction,
+            "RedisStoreBuilder",
+            self.options.eviction_check_interval,
+        );
         RedisStore {
             inner: Arc::new(Inner {
                 lanes: Lanes::per_thread(self.pool, self.options.lanes, eviction),
@@ -127,6 +150,9 @@ impl RedisStore {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
     /// The default number of multiplexed connections kept out of the pool.
     pub const DEFAULT_LANES: usize = 2;
+    /// How often a store reads Redis's `maxmemory-policy` again while it serves, by default (see
+    /// [`RedisStoreBuilder::eviction_check_interval`]).
+    pub const DEFAULT_EVICTION_CHECK_INTERVAL: Duration = super::eviction::DEFAULT_INTERVAL;
 
     /// A builder over an existing deadpool-redis pool.
     pub fn builder(pool: Pool) -> RedisStoreBuilder {
@@ -192,7 +218,7 @@ impl RedisStore {
         let timeout = self.inner.timeout;
         self.inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, Call::Claim, |mut conn| async move {
                 conn.set_response_timeout(timeout);
                 match cmd.query_async::<Value>(&mut conn).await {
                     Err(e) if refuses_native_claim(&e) => Ok(None),
@@ -206,6 +232,7 @@ impl RedisStore {
     /// retry after `NOSCRIPT`, when the server lost its scripts).
     async fn eval(
         &self,
+        kind: Call,
         lua: &Lua,
         ticket: &Ticket,
         args: &[Arg<'_>],
@@ -218,7 +245,7 @@ impl RedisStore {
         let timeout = self.inner.timeout;
         self.inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, kind, |mut conn| async move {
                 // The connection's own response timeout (redis-rs defaults to 500 ms) would
                 // otherwise cut a call short of the configured timeout.
                 conn.set_response_timeout(timeout);
@@ -248,13 +275,17 @@ impl Store for RedisStore {
             }
         }
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
+        let value = self
+            .eval(Call::Claim, &self.inner.scripts.claim, ticket, &args)
+            .await?;
         parse_claim(value, ticket)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let value = self.eval(&self.inner.scripts.renew, ticket, &args).await?;
+        let value = self
+            .eval(Call::Fenced, &self.inner.scripts.renew, ticket, &args)
+            .await?;
         parse_ownership(&value)
     }
 
@@ -271,7 +302,7 @@ impl Store for RedisStore {
             Arg::Millis(ttl),
         ];
         let value = self
-            .eval(&self.inner.scripts.complete, ticket, &args)
+            .eval(Call::Fenced, &self.inner.scripts.complete, ticket, &args)
             .await?;
         parse_ownership(&value)
     }
@@ -279,7 +310,7 @@ impl Store for RedisStore {
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record())];
         let value = self
-            .eval(&self.inner.scripts.release, ticket, &args)
+            .eval(Call::Fenced, &self.inner.scripts.release, ticket, &args)
             .await?;
         parse_ownership(&value)
     }

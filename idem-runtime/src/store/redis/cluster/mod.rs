@@ -56,7 +56,7 @@ use deadpool_redis::{
 };
 
 use super::{
-    lanes::Lanes,
+    lanes::{Call, Lanes},
     scripts::{
         millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
         refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
@@ -149,6 +149,7 @@ impl RedisClusterStore {
     /// Answers the script's value and the number of replicas `WAIT` counted.
     async fn eval(
         &self,
+        kind: Call,
         lua: &Lua,
         ticket: &Ticket,
         args: &[Arg<'_>],
@@ -164,7 +165,7 @@ impl RedisClusterStore {
         let mut values = self
             .inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, kind, |mut conn| async move {
                 let values = send(&mut conn, evalsha, wait, route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
@@ -211,7 +212,7 @@ impl RedisClusterStore {
         let values = self
             .inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, Call::Claim, |mut conn| async move {
                 match send(&mut conn, cmd, wait, route).await {
                     Err(e) if refuses_native_claim(&e) => Ok(None),
                     answer => answer.map(Some),
@@ -355,7 +356,13 @@ impl Store for RedisClusterStore {
             None => {
                 let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
                 let (value, acked) = self
-                    .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
+                    .eval(
+                        Call::Claim,
+                        &self.inner.scripts.claim,
+                        ticket,
+                        &args,
+                        self.inner.wait,
+                    )
                     .await?;
                 (parse_claim(value, ticket)?, acked)
             }
@@ -381,7 +388,7 @@ impl Store for RedisClusterStore {
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let (value, _) = self
-            .eval(&self.inner.scripts.renew, ticket, &args, None)
+            .eval(Call::Fenced, &self.inner.scripts.renew, ticket, &args, None)
             .await?;
         parse_ownership(&value)
     }
@@ -399,7 +406,13 @@ impl Store for RedisClusterStore {
             Arg::Millis(ttl),
         ];
         let (value, acked) = self
-            .eval(&self.inner.scripts.complete, ticket, &args, self.inner.wait)
+            .eval(
+                Call::Fenced,
+                &self.inner.scripts.complete,
+                ticket,
+                &args,
+                self.inner.wait,
+            )
             .await?;
         let ownership = parse_ownership(&value)?;
         if ownership == Ownership::Held {
@@ -411,7 +424,13 @@ impl Store for RedisClusterStore {
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record())];
         let (value, _) = self
-            .eval(&self.inner.scripts.release, ticket, &args, None)
+            .eval(
+                Call::Fenced,
+                &self.inner.scripts.release,
+                ticket,
+                &args,
+                None,
+            )
             .await?;
         parse_ownership(&value)
     }
