@@ -19,8 +19,8 @@ use super::{
     eviction::EvictionCheck,
     lanes::{Call, Lanes},
     scripts::{
-        native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
-        ClaimMode, Lua, Scripts,
+        native_claim, parse_claim, parse_native_claim, parse_ownership, pttl, refuses_native_claim,
+        remaining_lease, Arg, ClaimMode, Lua, Scripts,
     },
     KeyFormat, Options,
 };
@@ -228,6 +228,29 @@ impl RedisStore {
             .await
     }
 
+    /// The remaining lease of the in-flight record a native claim found (its `PTTL`), for the
+    /// 409's `Retry-After`; the claim's `lease`, an upper bound, when Redis does not answer.
+    async fn remaining(&self, ticket: &Ticket, lease: Duration) -> Duration {
+        let cmd = self.inner.keys.with_bytes(ticket.key(), pttl);
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        let answer = self
+            .inner
+            .lanes
+            .run(timeout, Call::Claim, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                cmd.query_async::<Value>(&mut conn).await
+            })
+            .await;
+        match answer {
+            Ok(value) => remaining_lease(&value, lease),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read an in-flight record's PTTL");
+                lease
+            }
+        }
+    }
+
     /// Runs `lua` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD` and a
     /// retry after `NOSCRIPT`, when the server lost its scripts).
     async fn eval(
@@ -270,7 +293,14 @@ impl Store for RedisStore {
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         if self.inner.claim_mode.is_native() {
             match self.claim_natively(ticket, lease).await? {
-                Some(value) => return parse_native_claim(value, ticket, lease),
+                Some(value) => {
+                    return match parse_native_claim(value, ticket, lease)? {
+                        Claim::InFlight { .. } => Ok(Claim::InFlight {
+                            retry_after: self.remaining(ticket, lease).await,
+                        }),
+                        claim => Ok(claim),
+                    }
+                }
                 None => self.inner.claim_mode.fall_back(),
             }
         }

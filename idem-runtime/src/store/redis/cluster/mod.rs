@@ -58,8 +58,8 @@ use deadpool_redis::{
 use super::{
     lanes::{Call, Lanes},
     scripts::{
-        millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
-        refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
+        millis, native_claim, parse_claim, parse_native_claim, parse_ownership, pttl,
+        refuses_native_claim, remaining_lease, Arg, ClaimMode, Lua, Scripts,
     },
     KeyFormat, Options,
 };
@@ -233,6 +233,31 @@ impl RedisClusterStore {
         }
     }
 
+    /// The remaining lease of the in-flight record a native claim found (its `PTTL`, on the
+    /// master of its slot), for the 409's `Retry-After`; the claim's `lease`, an upper bound,
+    /// when the master does not answer.
+    async fn remaining(&self, ticket: &Ticket, lease: Duration) -> Duration {
+        let (cmd, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            (pttl(key), Route::with_key(key, SlotAddr::Master))
+        });
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let (cmd, routing) = (&cmd, &routing);
+        let answer = self
+            .inner
+            .lanes
+            .run(self.inner.timeout, Call::Claim, |mut conn| async move {
+                conn.route_command(cmd.clone(), routing.clone()).await
+            })
+            .await;
+        match answer {
+            Ok(value) => remaining_lease(&value, lease),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read an in-flight record's PTTL");
+                lease
+            }
+        }
+    }
+
     /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
     #[cfg(feature = "testing")]
     pub(crate) fn claim_with_lua(&self) {
@@ -352,7 +377,15 @@ impl Store for RedisClusterStore {
             None
         };
         let claim = match native {
-            Some((value, acked)) => (parse_native_claim(value, ticket, lease)?, acked),
+            Some((value, acked)) => match parse_native_claim(value, ticket, lease)? {
+                Claim::InFlight { .. } => (
+                    Claim::InFlight {
+                        retry_after: self.remaining(ticket, lease).await,
+                    },
+                    acked,
+                ),
+                claim => (claim, acked),
+            },
             None => {
                 let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
                 let (value, acked) = self
