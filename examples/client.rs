@@ -7,6 +7,10 @@
 //! cargo run --example client -- 0b6c…            # the same key again: the same 201, replayed
 //! ```
 //!
+//! A key still in flight on the server when the client's retries run out (the first attempt still
+//! runs, or a crashed one holds the key until its lease runs out) ends with an error that says so
+//! and names the key to retry later with; never with the 409 as if it were the answer.
+//!
 //! `PAYMENTS_URL` overrides the server's address (default `http://127.0.0.1:8080`); the bearer
 //! token (the idempotency scope on the server) is `alice`.
 
@@ -67,6 +71,15 @@ async fn main() -> ExitCode {
         }
         Err(err) => {
             match IdempotencyError::of(&err) {
+                // The server still runs this key (or a crashed attempt holds it until its lease
+                // runs out): not an answer, and not a reason to pay again with a new key.
+                Some(failure) if failure.is_in_flight() => {
+                    eprintln!("{err}");
+                    if let Some(key) = failure.key() {
+                        let after = failure.retry_after().map_or(1, |d| d.as_secs().max(1));
+                        eprintln!("in {after} s or more: cargo run --example client -- {key}");
+                    }
+                }
                 Some(failure) => {
                     eprintln!("no answer: {err}");
                     if let Some(key) = failure.key() {

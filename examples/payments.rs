@@ -24,8 +24,10 @@
 //! `GET /stats` answers `{"executions": N, "payments": M}`: the handler's executions in this
 //! process, and the payments stored (rows in Postgres with `DATABASE_URL`, else this process's).
 //!
-//! Every request names its client with `Authorization: Bearer <token>`; the client is the
-//! idempotency scope, so two clients can use the same key without seeing each other's payments.
+//! Every request names its client with `Authorization: Bearer <token>`; the client's account is
+//! the idempotency scope, so two accounts can use the same key without seeing each other's
+//! payments. A token `<account>.<anything>` is a credential of `<account>` (`alice` and
+//! `alice.mobile` are one account, one scope); any other token names an account of its own.
 
 use std::{
     collections::HashMap,
@@ -83,8 +85,23 @@ struct NewPayment {
     destination: serde_json::Value,
 }
 
-/// The caller, from `Authorization: Bearer <token>`.
+/// The caller's account, from `Authorization: Bearer <token>`.
 struct Client(String);
+
+/// The account a bearer token is a credential of: `<account>.<anything>` belongs to `<account>`
+/// (so `alice` and `alice.mobile` are one account), and any other token names an account of its
+/// own.
+///
+/// The idempotency scope is this account, never the token itself: a token is a credential, which
+/// is refreshed, rotated or differs between the account's devices, while a retry with the same key
+/// may come after any of these. Scoped by the token, the retry would land in a new scope, miss
+/// the first payment and make a second one.
+fn account_of(token: &str) -> &str {
+    match token.split_once('.') {
+        Some((account, _)) if !account.is_empty() => account,
+        _ => token,
+    }
+}
 
 fn client_of(req: &HttpRequest) -> Result<String, actix_web::Error> {
     let token = req
@@ -95,7 +112,7 @@ fn client_of(req: &HttpRequest) -> Result<String, actix_web::Error> {
         .map(str::trim)
         .filter(|t| !t.is_empty());
     match token {
-        Some(token) => Ok(token.to_owned()),
+        Some(token) => Ok(account_of(token).to_owned()),
         None => Err(InternalError::from_response(
             "unauthorized",
             problem(

@@ -4,8 +4,9 @@
 //! - Connections reset under a running handler (`CLIENT KILL`, Redis's idle `timeout`): the
 //!   completion and the next claims are re-sent on fresh connections; no second execution, no 503.
 //! - Eviction: a Redis whose `maxmemory-policy` can evict records is refused (503, and the examples
-//!   stop at start), unless the app accepts the risk; a full `noeviction` Redis answers 503 until
-//!   memory frees.
+//!   stop at start), unless the app accepts the risk, also when the policy changes after start
+//!   (read again on every reconnect and at an interval); a full `noeviction` Redis answers 503
+//!   until memory frees.
 //! - Deploys: SIGTERM waits for a handler whose client left, within the shutdown timeout, and its
 //!   response is replayed by the next instance; past the timeout the handler is cut and its key
 //!   frees itself after the lease.
@@ -433,6 +434,160 @@ mod eviction {
         assert_eq!(executions.0.load(Ordering::SeqCst), 2);
         let replay = pay_with(server.addr, "before").await;
         assert!(replayed(&replay), "{}", describe(&replay));
+    }
+
+    /// A store that reads the policy again every `every` while it serves.
+    fn store_checking_every(redis: &RedisServer, every: Duration) -> RedisStore {
+        let pool = idem::deadpool_redis::Config::from_url(redis.url())
+            .create_pool(Some(idem::deadpool_redis::Runtime::Tokio1))
+            .expect("pool");
+        RedisStore::builder(pool)
+            .timeout(Duration::from_millis(500))
+            .eviction_check_interval(every)
+            .build()
+    }
+
+    /// How many times Redis ran `command` (`config|get`, `set`, ...), from `INFO commandstats`.
+    fn calls(redis: &RedisServer, command: &str) -> u64 {
+        idem_testkit::command_stats(&redis.cli(&["INFO", "commandstats"]))
+            .into_iter()
+            .find(|(name, _)| name == command)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// Pays with a new key every 20 ms until the app answers 503, for at most `limit`: the 503,
+    /// how many payments were served before it, and how long it took.
+    async fn pay_until_refused(
+        addr: SocketAddr,
+        tag: &str,
+        limit: Duration,
+    ) -> (Option<RawResponse>, usize, Duration) {
+        let started = Instant::now();
+        let mut served = 0;
+        while started.elapsed() < limit {
+            let r = pay_with(addr, &format!("{tag}-{served}")).await;
+            if r.status == 503 {
+                return (Some(r), served, started.elapsed());
+            }
+            assert_eq!(r.status, 201, "{}", describe(&r));
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (None, served, started.elapsed())
+    }
+
+    /// The policy changes while the app serves (`CONFIG SET maxmemory-policy volatile-ttl`): the
+    /// claims that follow are refused within about the interval (503, the handler does not run),
+    /// and served again once the policy is fixed.
+    #[actix_rt::test]
+    async fn a_policy_changed_after_start_is_refused_within_the_interval() {
+        let every = Duration::from_millis(500);
+        let redis = RedisServer::start();
+        let store = store_checking_every(&redis, every);
+        store.check().await.expect("noeviction passes");
+        let (server, executions) = serve(store);
+        assert_eq!(pay_with(server.addr, "before").await.status, 201);
+
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "volatile-ttl"]);
+        let (refused, served, took) =
+            pay_until_refused(server.addr, "after", every + Duration::from_secs(3)).await;
+        let served_before = served;
+        eprintln!("policy changed: {served} payments served, refused after {took:?}");
+        let refused = refused.unwrap_or_else(|| {
+            panic!("still serving {took:?} after the policy changed ({served} payments)")
+        });
+        assert!(refused.header("retry-after").is_some());
+        let ran = executions.0.load(Ordering::SeqCst);
+        assert_eq!(
+            ran,
+            1 + served as u64,
+            "the refused request ran its handler"
+        );
+        let again = pay_with(server.addr, "refused-again").await;
+        assert_eq!(again.status, 503, "{}", describe(&again));
+        assert_eq!(executions.0.load(Ordering::SeqCst), ran);
+
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+        let served = common::eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || async {
+                let r = pay_with(server.addr, "fixed").await;
+                (r.status != 503).then_some(r)
+            },
+        )
+        .await
+        .expect("the app serves again once the policy is noeviction");
+        assert_eq!(served.status, 201, "{}", describe(&served));
+        // The payments that ran when the refusal came were completed (a refusing store still
+        // takes the fenced writes of claims already held): they replay.
+        for key in (0..served_before).map(|i| format!("after-{i}")) {
+            let replay = pay_with(server.addr, &key).await;
+            assert!(replayed(&replay), "{key}: {}", describe(&replay));
+        }
+    }
+
+    /// A reconnect may reach a server configured otherwise: a new connection is checked before
+    /// its first call, whatever the interval (here an hour).
+    #[actix_rt::test]
+    async fn a_reconnect_is_checked_before_its_first_call() {
+        let redis = RedisServer::start();
+        let store = store_checking_every(&redis, Duration::from_secs(3600));
+        let (server, executions) = serve(store);
+        assert_eq!(pay_with(server.addr, "before").await.status, 201);
+
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+        // Cuts the store's connections (redis-cli's own is skipped): the next call reconnects.
+        redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+        let r = pay_with(server.addr, "after-reconnect").await;
+        assert_eq!(r.status, 503, "{}", describe(&r));
+        assert_eq!(executions.0.load(Ordering::SeqCst), 1, "the handler ran");
+    }
+
+    /// The periodic check is one `CONFIG GET` per interval, started by a call and answered in
+    /// the background: a payment is still exactly a claim and a completion, counted by Redis
+    /// itself.
+    #[actix_rt::test]
+    async fn the_periodic_check_adds_no_command_to_a_claim() {
+        let every = Duration::from_millis(200);
+        let redis = RedisServer::start();
+        let (server, _executions) = serve(store_checking_every(&redis, every));
+        // Every lane connected and the scripts loaded (a first `EVALSHA` meets `NOSCRIPT`).
+        for i in 0..4 {
+            assert_eq!(pay_with(server.addr, &format!("warm{i}")).await.status, 201);
+        }
+        let (gets, sets, evals) = (
+            calls(&redis, "config|get"),
+            calls(&redis, "set"),
+            calls(&redis, "evalsha"),
+        );
+        let started = Instant::now();
+        let payments = 150u64;
+        for i in 0..payments {
+            assert_eq!(pay_with(server.addr, &format!("k{i}")).await.status, 201);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        let gets = calls(&redis, "config|get") - gets;
+        let sets = calls(&redis, "set") - sets;
+        let evals = calls(&redis, "evalsha") - evals;
+        eprintln!(
+            "{payments} payments in {took:?}: {sets} SET, {evals} EVALSHA, {gets} CONFIG GET"
+        );
+        // A payment is a claim (`SET ... NX GET`) and a completion (`EVALSHA`, whose script
+        // writes with a `SET` that Redis counts too), nothing more.
+        assert_eq!(evals, payments, "one completion per payment");
+        assert_eq!(sets, 2 * payments, "one claim per payment");
+        // At most one check per interval (the connections were checked before).
+        let intervals = u64::try_from(took.as_millis() / every.as_millis()).expect("fits");
+        assert!(
+            gets <= intervals + 1,
+            "{gets} CONFIG GET for {intervals} intervals"
+        );
+        assert!(
+            gets >= 2,
+            "the policy was not read again while the store served ({gets} CONFIG GET in {took:?})"
+        );
     }
 }
 

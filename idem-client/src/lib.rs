@@ -37,8 +37,13 @@
 //!     Err(err) => {
 //!         if let Some(failure) = IdempotencyError::of(&err) {
 //!             // Store the key: sending the request again with it later tells whether the
-//!             // payment was made, and makes it if it was not.
-//!             println!("gave up after {} attempts, key {:?}", failure.attempts(), failure.key());
+//!             // payment was made, and makes it if it was not. Never retry with a new key.
+//!             if failure.is_in_flight() {
+//!                 // The server still runs (or a crashed attempt still holds) this key.
+//!                 println!("still in flight: retry later with key {:?}", failure.key());
+//!             } else {
+//!                 println!("gave up after {} attempts, key {:?}", failure.attempts(), failure.key());
+//!             }
 //!         }
 //!     }
 //! }
@@ -53,10 +58,13 @@
 //!
 //! A connection refused, reset or closed (also after the request was sent: the case keys exist
 //! for), a timeout, `408`, `429`, `409` on a keyed request (the same key is in flight), `502`,
-//! `503` and `504`; never `400`, `401`, `403`, `404`, `422` or any other 4xx. The waits are
-//! exponential with full jitter, or the response's `Retry-After` (seconds or an HTTP-date) up to a
-//! cap; attempts and total time are bounded. [`RetryPolicy`] has the details, the defaults and the
-//! reason `500` is not retried by default.
+//! `503` and `504`; never `400`, `401`, `403`, `404`, `422` or any other 4xx, and never a replayed
+//! response (`Idempotent-Replayed: true`: the operation's stored outcome, a handler's own 409
+//! included). The waits are exponential with full jitter, or the response's `Retry-After` (seconds
+//! or an HTTP-date) up to a cap; attempts and total time are bounded. A key still in flight when
+//! they run out is an error, not the 409: [`IdempotencyError::is_in_flight`], with the key to
+//! retry later. [`RetryPolicy`] has the details, the defaults and the reason `500` is not retried
+//! by default.
 //!
 //! What is not retried: a request whose body is a stream (it cannot be sent again; it is sent once,
 //! with its key), and a failure while reading a response body after the middleware has returned

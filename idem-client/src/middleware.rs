@@ -3,10 +3,10 @@
 use std::{
     fmt,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
-use http::{header::HeaderName, Extensions, Method};
+use http::{header::HeaderName, Extensions, Method, StatusCode};
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
@@ -208,9 +208,15 @@ impl Middleware for IdempotencyMiddleware {
                     Err(_elapsed) => return Err(fail(attempts, Cause::Deadline)),
                 };
             let class = match &outcome {
-                Ok(response) => policy.classify_status(response.status(), keyed),
+                Ok(response) => {
+                    policy.classify_response(response.status(), keyed, replayed(response))
+                }
                 Err(err) => RetryPolicy::classify_error(err),
             };
+            // The key is in flight on the server: the answer is not the operation's, and the
+            // caller must not take it for one (nor pay again with a new key).
+            let in_flight = matches!(&outcome, Ok(response)
+                if keyed && response.status() == StatusCode::CONFLICT && !replayed(response));
             let retry = match (class, again) {
                 (Class::Transient, Some(again)) => {
                     let hinted = outcome.as_ref().ok().and_then(|response| {
@@ -238,6 +244,11 @@ impl Middleware for IdempotencyMiddleware {
                 }
                 None => {
                     return match outcome {
+                        Ok(response) if in_flight => {
+                            let after =
+                                retry_after(response.headers(), SystemTime::now(), Duration::MAX);
+                            Err(fail(attempts, Cause::InFlight(after)))
+                        }
                         Ok(mut response) => {
                             let report = Idempotency {
                                 key: key.clone(),

@@ -1,7 +1,7 @@
 //! What the middleware tells the caller: on a response, the key and whether it was a replay; on a
 //! failure, the key and the attempts made.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 /// What happened to a request, inserted in the extensions of every response the middleware
 /// returns. Read it with [`ResponseExt::idempotency`].
@@ -45,10 +45,11 @@ impl ResponseExt for reqwest::Response {
     }
 }
 
-/// A request that got no answer to hand back: every attempt failed, the deadline passed, or the
-/// key could not be made. It carries the key, so the caller can store it and send the request
-/// again later with the same key (as its own `Idempotency-Key` header), which the server answers
-/// with the first execution's response if there was one.
+/// A request that got no answer to hand back: every attempt failed, the deadline passed, the
+/// server still had the key in flight when the retries ran out ([`is_in_flight`](Self::is_in_flight)),
+/// or the key could not be made. It carries the key, so the caller can store it and send the
+/// request again later with the same key (as its own `Idempotency-Key` header), which the server
+/// answers with the first execution's response if there was one.
 ///
 /// The middleware returns it inside [`reqwest_middleware::Error::Middleware`]; get it back with
 /// [`IdempotencyError::of`].
@@ -65,6 +66,9 @@ pub(crate) enum Cause {
     Request(reqwest_middleware::Error),
     /// The total deadline passed during an attempt.
     Deadline,
+    /// The server answered 409 to the last attempt: another attempt with this key (an earlier
+    /// one of this call, or one that crashed) still holds it, for this long by its `Retry-After`.
+    InFlight(Option<Duration>),
     /// The key generator made a key that is not 1 to 255 visible ASCII characters.
     InvalidKey,
 }
@@ -89,12 +93,29 @@ impl IdempotencyError {
         self.attempts
     }
 
-    /// The last attempt's error; `None` when the deadline cut an attempt short or the key could
-    /// not be made.
+    /// The last attempt's error; `None` when the deadline cut an attempt short, the key was
+    /// still in flight, or the key could not be made.
     pub fn last_error(&self) -> Option<&reqwest_middleware::Error> {
         match &self.cause {
             Cause::Request(e) => Some(e),
-            Cause::Deadline | Cause::InvalidKey => None,
+            Cause::Deadline | Cause::InFlight(_) | Cause::InvalidKey => None,
+        }
+    }
+
+    /// Whether the server still had the key in flight when the retries ran out: every attempt
+    /// got `409 Conflict` (an earlier attempt of this call still runs, or one that crashed holds
+    /// the key until its lease runs out). The operation may have run or may still run: retry
+    /// later with [`key`](Self::key), never with a new key, which could run it a second time.
+    pub fn is_in_flight(&self) -> bool {
+        matches!(self.cause, Cause::InFlight(_))
+    }
+
+    /// For an in-flight key ([`is_in_flight`](Self::is_in_flight)), how long the server's last
+    /// answer asked to wait (its `Retry-After`, uncapped), if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.cause {
+            Cause::InFlight(after) => after,
+            _ => None,
         }
     }
 
@@ -116,6 +137,16 @@ impl fmt::Display for IdempotencyError {
                 "request deadline passed after {} attempt(s)",
                 self.attempts
             )?,
+            Cause::InFlight(after) => {
+                write!(
+                    f,
+                    "still in flight after {} attempt(s): retry later with this key",
+                    self.attempts
+                )?;
+                if let Some(after) = after {
+                    write!(f, ", in {} s or more", after.as_secs().max(1))?;
+                }
+            }
             Cause::InvalidKey => {
                 return f.write_str(
                     "the key generator made an invalid idempotency key \
@@ -134,7 +165,7 @@ impl std::error::Error for IdempotencyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.cause {
             Cause::Request(e) => Some(e),
-            Cause::Deadline | Cause::InvalidKey => None,
+            Cause::Deadline | Cause::InFlight(_) | Cause::InvalidKey => None,
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::backoff::Backoff;
 /// | --- | --- |
 /// | connection refused, reset or closed, before or **after** the request was sent; timeout | yes |
 /// | `408 Request Timeout`, `429 Too Many Requests` | yes |
-/// | `409 Conflict` on a request carrying a key (another attempt with this key is in flight) | yes |
+/// | `409 Conflict` on a request carrying a key (another attempt with this key is in flight) | yes; when the bounds run out, an [`IdempotencyError`](crate::IdempotencyError) that says so and carries the key |
+/// | a replayed response (`Idempotent-Replayed: true`), whatever its status: the operation's stored outcome | never |
 /// | `502`, `503`, `504` | yes (the set is [`retry_server_errors`](Self::retry_server_errors)) |
 /// | `500` and every other 5xx | no, unless added to that set |
 /// | `400`, `401`, `403`, `404`, `422` and every other 4xx | never |
@@ -109,6 +110,22 @@ impl RetryPolicy {
         self
     }
 
+    /// How a response counts. `replayed`: the server answered with the operation's stored response
+    /// (`Idempotent-Replayed: true`), which every retry would get again: final, whatever its
+    /// status (a handler's own 409 that the server stored is the operation's answer, not a key in
+    /// flight).
+    pub(crate) fn classify_response(
+        &self,
+        status: StatusCode,
+        keyed: bool,
+        replayed: bool,
+    ) -> Class {
+        match self.classify_status(status, keyed) {
+            Class::Transient if replayed => Class::Fatal,
+            class => class,
+        }
+    }
+
     /// How a response with `status` counts. `keyed`: the request carried an idempotency key, so
     /// a 409 means "the same key is in flight", not a conflict of the resource.
     pub(crate) fn classify_status(&self, status: StatusCode, keyed: bool) -> Class {
@@ -181,6 +198,27 @@ mod tests {
             let unkeyed = if code == 409 { Class::Fatal } else { expected };
             assert_eq!(policy.classify_status(s, false), unkeyed, "{code} unkeyed");
         }
+    }
+
+    #[test]
+    fn a_replayed_response_is_final() {
+        let policy = RetryPolicy::default();
+        for code in [409, 408, 429, 503] {
+            assert_eq!(
+                policy.classify_response(status(code), true, true),
+                Class::Fatal,
+                "{code}"
+            );
+            assert_eq!(
+                policy.classify_response(status(code), true, false),
+                Class::Transient,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            policy.classify_response(status(201), true, true),
+            Class::Success
+        );
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub enum Claim {
     Mismatch,
     /// A pending record with the same fingerprint: 409, or wait.
     InFlight {
-        /// How long the current lease still runs.
+        /// How long the current lease still runs, by the store's clock: the `Retry-After` of the
+        /// 409 when the record's handler does not run in this process (its owner is another
+        /// instance, or crashed). A store that cannot tell answers the `lease` its `claim` was
+        /// called with, an upper bound.
         retry_after: Duration,
     },
     /// A record (in any state) whose fingerprint was computed in another encoding than the

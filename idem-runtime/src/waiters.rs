@@ -27,13 +27,43 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 type GroupKey = (RecordKey, Fingerprint);
 
-/// The waiting groups of one app configuration (one store).
+/// How many locks the records running here are spread over, so that the workers' executed
+/// requests rarely meet on one.
+const RUNNING_SHARDS: usize = 16;
+
+/// The waiting groups of one app configuration (one store), and the records whose handler runs
+/// in this process.
 #[derive(Default)]
 pub(crate) struct Waiters {
     groups: Mutex<HashMap<GroupKey, Weak<Group>>>,
     /// How many groups the map holds: every executed request tells the waiters it settled, and
     /// with nobody waiting (the usual case) that costs one atomic load, not a lock and a lookup.
     live: AtomicUsize,
+    /// The records whose handler runs in this process, and how many runs each (two, when a run
+    /// lost its lease and a retry here took the key over). A 409 for one of them can count on
+    /// the handler's typical run time; for any other record the owner is another instance, or
+    /// gone (a crash), and only the lease's remaining time is an honest `Retry-After`.
+    running: [Mutex<HashMap<RecordKey, u32>>; RUNNING_SHARDS],
+}
+
+/// A record's handler running in this process, from its claim until it settles (or its task is
+/// dropped: a shutdown that cut it).
+pub(crate) struct RunningHere {
+    waiters: Arc<Waiters>,
+    key: RecordKey,
+}
+
+impl Drop for RunningHere {
+    fn drop(&mut self) {
+        let mut running = self.waiters.running_shard(&self.key);
+        if let Entry::Occupied(mut e) = running.entry(self.key) {
+            if *e.get() <= 1 {
+                e.remove();
+            } else {
+                *e.get_mut() -= 1;
+            }
+        }
+    }
 }
 
 /// The waiters of one record (and fingerprint).
@@ -83,6 +113,26 @@ impl Waiters {
             key: id,
             group,
         }
+    }
+
+    fn running_shard(&self, key: &RecordKey) -> std::sync::MutexGuard<'_, HashMap<RecordKey, u32>> {
+        self.running[usize::from(key.as_bytes()[0]) % RUNNING_SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts `key`'s handler as running in this process until the guard drops.
+    pub(crate) fn run_here(self: &Arc<Self>, key: RecordKey) -> RunningHere {
+        *self.running_shard(&key).entry(key).or_insert(0) += 1;
+        RunningHere {
+            waiters: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Whether `key`'s handler runs in this process.
+    pub(crate) fn runs_here(&self, key: &RecordKey) -> bool {
+        self.running_shard(key).contains_key(key)
     }
 
     /// The record settled in this process (completed or released): wake its waiters, and forget
@@ -151,5 +201,28 @@ impl Drop for Membership<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_runs_here_until_its_last_run_settles() {
+        let waiters = Arc::new(Waiters::default());
+        let (a, b) = (
+            RecordKey::from_bytes([1; 32]),
+            RecordKey::from_bytes([2; 32]),
+        );
+        assert!(!waiters.runs_here(&a));
+        let first = waiters.run_here(a);
+        let second = waiters.run_here(a);
+        assert!(waiters.runs_here(&a));
+        assert!(!waiters.runs_here(&b));
+        drop(first);
+        assert!(waiters.runs_here(&a), "one run of it still runs");
+        drop(second);
+        assert!(!waiters.runs_here(&a));
     }
 }

@@ -1171,3 +1171,107 @@ async fn an_unconfirmed_claim_is_an_error_and_frees_its_key() {
         Claim::Acquired
     );
 }
+
+/// A master's `maxmemory-policy` changed after start (here on a master that holds none of the
+/// test's first records): the store reads every master's policy again within the interval
+/// (counted with each master's `INFO commandstats`), refuses new claims naming that master, still
+/// completes a claim it held, and serves again once the policy is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_on_any_master_after_start_is_refused() {
+    let cluster = Arc::new(start(3, 0).await);
+    let every = Duration::from_millis(500);
+    let store = RedisClusterStore::builder(pool(&cluster.urls()))
+        .timeout(Duration::from_secs(1))
+        .eviction_check_interval(every)
+        .build();
+    store.check().await.expect("noeviction on every master");
+    let first = ticket("evict", "before", b"{}");
+    assert_eq!(
+        store.claim(&first, LONG_LEASE).await.expect("claim"),
+        Claim::Acquired
+    );
+    let key = testing::cluster_key_of(&store, &first);
+    let (masters, home) = admin({
+        let cluster = Arc::clone(&cluster);
+        move || {
+            (
+                cluster.masters(),
+                cluster.master_of(key_slot(key.as_bytes())),
+            )
+        }
+    })
+    .await;
+    let other = *masters
+        .iter()
+        .find(|p| **p != home)
+        .expect("another master");
+    let config_gets =
+        |cluster: &RedisCluster, port| stats(cluster, port).get("config|get").copied().unwrap_or(0);
+    let before: Vec<u64> = masters.iter().map(|p| config_gets(&cluster, *p)).collect();
+
+    cluster.cli(
+        other,
+        &["CONFIG", "SET", "maxmemory-policy", "volatile-ttl"],
+    );
+    let started = Instant::now();
+    let mut served = 0;
+    let refused = loop {
+        assert!(
+            started.elapsed() < every + Duration::from_secs(3),
+            "still claiming {:?} after the policy changed ({served} claims)",
+            started.elapsed()
+        );
+        let next = ticket("evict", &format!("after-{served}"), b"{}");
+        match store.claim(&next, LONG_LEASE).await {
+            Ok(Claim::Acquired) => served += 1,
+            Ok(other) => panic!("a new key answered {other:?}"),
+            Err(err) => break err,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "policy changed on master {other}: {served} claims, refused after {:?}",
+        started.elapsed()
+    );
+    let StoreError::Unavailable(inner) = &refused else {
+        panic!("not Unavailable: {refused:?}");
+    };
+    let risk = inner
+        .downcast_ref::<idem_runtime::EvictionRisk>()
+        .unwrap_or_else(|| panic!("not an EvictionRisk: {inner}"));
+    assert_eq!(risk.policy(), "volatile-ttl");
+    assert!(
+        refused.to_string().contains(&format!(":{other}")),
+        "the error does not name master {other}: {refused}"
+    );
+    // Every master was asked again, not only the one the store writes the test's records to.
+    for (port, before) in masters.iter().zip(&before) {
+        let after = config_gets(&cluster, *port);
+        assert!(
+            after > *before,
+            "master {port} was not asked again ({before} -> {after})"
+        );
+    }
+    // A claim held before the refusal still completes: its response is stored.
+    assert_eq!(
+        store
+            .complete(&first, &response_of(0), TTL)
+            .await
+            .expect("a held claim completes"),
+        Ownership::Held
+    );
+
+    cluster.cli(other, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let started = Instant::now();
+    let replay = loop {
+        match store.claim(&retry_of(&first), LONG_LEASE).await {
+            Ok(answer) => break answer,
+            Err(err) => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "still refused after the policy was fixed: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(replay, Claim::Replay(response_of(0)));
+}

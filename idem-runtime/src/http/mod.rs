@@ -197,9 +197,17 @@ where
             record(spec.handler, Outcome::Mismatch);
             return Problem::KeyReused.to_response();
         }
-        Ok((Claim::InFlight { retry_after }, _)) => {
+        Ok((Claim::InFlight { retry_after }, ticket)) => {
             record(spec.handler, Outcome::InFlight);
-            let retry_after = lifecycle::retry_after_hint(retry_after, spec.timing.typical());
+            // A handler running here will typically be done sooner than its lease. Any other
+            // owner is another instance, or gone (a crash, a restart): only the lease's remaining
+            // time is known, and telling less would send the client back to a key that is still
+            // locked (and a polite client to give up before it frees).
+            let retry_after = if settings.waiters.runs_here(ticket.key()) {
+                lifecycle::retry_after_hint(retry_after, spec.timing.typical())
+            } else {
+                retry_after
+            };
             return Problem::InFlight { retry_after }.to_response();
         }
         Ok((Claim::OtherEncoding { encoding }, _)) => {
@@ -250,9 +258,12 @@ where
     let max_response = settings.max_response;
     // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     let running = crate::shutdown::Running::start();
+    // Counted as running here until it settles: a duplicate's 409 then says how long it takes.
+    let here = settings.waiters.run_here(key);
     let started = tokio::time::Instant::now();
     let execute = async move {
         let _running = running;
+        let _here = here;
         let resp = execute(
             spec.handler,
             owned,

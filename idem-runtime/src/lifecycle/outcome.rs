@@ -75,11 +75,13 @@ impl Outcome {
     }
 }
 
-/// The `Retry-After` of a 409: how long this handler typically runs (as this process observed
-/// it), at least 1 s, and never past the in-flight lease's remaining time (after which a retry
-/// may run the handler itself). Without an observation, 1 s. The lease's remaining time alone
-/// would tell a polite client to wait up to the whole lease (30 s by default) for a handler that
-/// takes a fraction of a second.
+/// The `Retry-After` of a 409 for a record whose handler runs in this process: how long this
+/// handler typically runs (as this process observed it), at least 1 s, and never past the
+/// in-flight lease's remaining time (after which a retry may run the handler itself). Without an
+/// observation, 1 s. The lease's remaining time alone would tell a polite client to wait up to
+/// the whole lease (30 s by default) for a handler that takes a fraction of a second. For a record
+/// this process does not run (its owner is another instance, or crashed), the 409 says the
+/// lease's remaining time instead: nothing here knows better.
 pub(crate) fn retry_after_hint(lease_remaining: Duration, typical: Option<Duration>) -> Duration {
     const FLOOR: Duration = Duration::from_secs(1);
     typical

@@ -124,6 +124,23 @@ pub async fn first_claim_acquires_and_duplicates_are_in_flight(h: Harness) {
     }
 }
 
+/// A duplicate learns how long the first claim's lease still runs (the 409's `Retry-After` for a
+/// record this instance does not run), not the lease it asked for itself.
+pub async fn in_flight_answers_the_remaining_lease_of_the_record(h: Harness) {
+    let t = ticket("alice", "remaining", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    match must_claim(&*h.store, &retry_of(&t), LEASE * 6).await {
+        Claim::InFlight { retry_after } => {
+            assert!(
+                retry_after <= LEASE,
+                "{retry_after:?} is past the record's lease"
+            );
+            assert!(retry_after > LEASE / 2, "{retry_after:?}");
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+}
+
 pub async fn completed_records_replay_byte_for_byte(h: Harness) {
     let t = ticket("alice", "k1", b"{}");
     assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
@@ -608,6 +625,7 @@ macro_rules! suite {
             use super::*;
             $crate::suite!(@tests $harness;
                 first_claim_acquires_and_duplicates_are_in_flight,
+                in_flight_answers_the_remaining_lease_of_the_record,
                 completed_records_replay_byte_for_byte,
                 a_different_request_with_the_same_key_is_a_mismatch,
                 scopes_do_not_share_records,

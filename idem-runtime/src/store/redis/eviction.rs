@@ -6,13 +6,28 @@
 //! `noeviction`, a full Redis refuses the writes instead (the request gets 503, which is the safe
 //! answer).
 //!
-//! The stores check the policy of every server they write to the first time they connect, and
-//! refuse to serve under a policy that can evict, unless the app accepted the risk
-//! (`allow_eviction` on the builders). A server that does not let the app read its configuration
-//! (a managed Redis, an ACL that denies `CONFIG`, a renamed `CONFIG`) is served with one warning.
+//! The stores refuse to serve under a policy that can evict, unless the app accepted the risk
+//! (`allow_eviction` on the builders). A policy can change while the app runs (`CONFIG SET`, a
+//! restart with another `redis.conf`, a failover to a node configured otherwise), so the policy of
+//! every server the store writes to is read:
+//!
+//! - on every new connection, before its first call (the first connection, and every reconnect
+//!   after a connection failed): that call waits for the check;
+//! - while the store serves, again once every interval (`eviction_check_interval` on the
+//!   builders, default [`DEFAULT_INTERVAL`]): the first call after the interval starts the check
+//!   in the background and goes on, so no request waits for it and no claim carries an extra
+//!   command; the calls after the check answered follow its verdict;
+//! - while the store refuses, at most once a second ([`RECHECK`]), so that fixing the policy takes
+//!   effect without restarting the app.
+//!
+//! A server that does not let the app read its configuration (a managed Redis, an ACL that denies
+//! `CONFIG`, a renamed `CONFIG`) is served with one warning.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -72,37 +87,101 @@ fn evicts(policy: &str) -> bool {
 /// one `CONFIG GET` a second while it refuses.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// The check, made once per store: when it passed (or was skipped), it costs an atomic load per
-/// call.
+/// How often a serving store reads the policy again, unless the builder sets another interval.
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The check of one store. While the policy is safe and the interval has not run out, it costs a
+/// call two atomic loads and a clock read.
 pub(crate) struct EvictionCheck {
+    /// `None`: the app accepted the risk, nothing is checked.
+    state: Option<Arc<State>>,
+}
+
+struct State {
     builder: &'static str,
-    passed: AtomicBool,
+    /// The interval between two checks while the store serves, in milliseconds (at least 1).
+    every_ms: u64,
+    /// What `*_ms` times count from.
+    origin: std::time::Instant,
+    /// When (ms since `origin`, plus 1) the last check found every policy safe; 0 while the store
+    /// refuses or has not checked yet.
+    safe_at: AtomicU64,
+    /// When (ms since `origin`, plus 1) the last verdict was recorded.
+    judged_at: AtomicU64,
+    /// A background check is running.
+    checking: AtomicBool,
+    /// The warning that a server's policy cannot be read was logged (once per store).
+    warned: AtomicBool,
+    /// Held by a check that a call waits for; the refusal, and when it was checked.
     refused: tokio::sync::Mutex<Option<(Instant, EvictionRisk)>>,
 }
 
+/// Whether the connection a call runs on was checked: the lane's record of the generation of the
+/// connection that passed, and the generation of the one the call has.
+pub(crate) struct Vetting<'a> {
+    pub(crate) vetted: &'a AtomicU64,
+    pub(crate) generation: u64,
+}
+
+impl Vetting<'_> {
+    fn done(&self) -> bool {
+        self.vetted.load(Ordering::Acquire) == self.generation.wrapping_add(1)
+    }
+
+    fn mark(&self) {
+        self.vetted
+            .store(self.generation.wrapping_add(1), Ordering::Release);
+    }
+}
+
 impl EvictionCheck {
-    /// A check for a store built by `builder` (named in the error); `allow` skips it.
-    pub(crate) fn new(allow: bool, builder: &'static str) -> Self {
+    /// A check for a store built by `builder` (named in the error), run again every `every` while
+    /// the store serves; `allow` skips it.
+    pub(crate) fn new(allow: bool, builder: &'static str, every: Duration) -> Self {
+        let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
         Self {
-            builder,
-            passed: AtomicBool::new(allow),
-            refused: tokio::sync::Mutex::new(None),
+            state: (!allow).then(|| {
+                Arc::new(State {
+                    builder,
+                    every_ms,
+                    origin: std::time::Instant::now(),
+                    safe_at: AtomicU64::new(0),
+                    judged_at: AtomicU64::new(0),
+                    checking: AtomicBool::new(false),
+                    warned: AtomicBool::new(false),
+                    refused: tokio::sync::Mutex::new(None),
+                })
+            }),
         }
     }
 
     /// `Ok(Ok(()))` when the store may serve over `conn`; `Ok(Err(_))` when a server's policy can
-    /// evict; `Err(_)` when the check itself failed on the connection (the caller handles it like
-    /// a failed call, and the check runs again on the next one).
+    /// evict; `Err(_)` when a check the call waited for failed on the connection (the caller
+    /// handles it like a failed call, and the check runs again on the next one).
+    ///
+    /// A connection that was not checked yet (`lane`) is checked before the call; a checked one
+    /// serves at once, and starts a check in the background when the interval ran out.
     pub(crate) async fn admit<P: MultiplexedPool>(
         &self,
         conn: &P::Conn,
+        lane: Vetting<'_>,
         timeout: Duration,
     ) -> Result<Result<(), EvictionRisk>, redis::RedisError> {
-        if self.passed.load(Ordering::Acquire) {
+        let Some(state) = &self.state else {
             return Ok(Ok(()));
+        };
+        if lane.done() {
+            let at = state.safe_at.load(Ordering::Acquire);
+            if at != 0 {
+                if state.now_ms().saturating_sub(at) >= state.every_ms {
+                    State::recheck_in_background::<P>(state, conn, timeout);
+                }
+                return Ok(Ok(()));
+            }
         }
-        let mut refused = self.refused.lock().await;
-        if self.passed.load(Ordering::Acquire) {
+        let mut refused = state.refused.lock().await;
+        if lane.done() && state.safe_at.load(Ordering::Acquire) != 0 {
+            // Another call checked this connection while this one waited.
             return Ok(Ok(()));
         }
         if let Some((at, risk)) = refused.as_ref() {
@@ -111,6 +190,28 @@ impl EvictionCheck {
             }
         }
         let policies = P::policies(conn.clone(), timeout).await?;
+        let verdict = state.judge(&mut refused, &policies);
+        if verdict.is_ok() {
+            lane.mark();
+        }
+        Ok(verdict)
+    }
+}
+
+impl State {
+    /// Milliseconds since `origin`, plus 1 (so that 0 can mean "never").
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// Records what `policies` say, and answers it.
+    fn judge(
+        &self,
+        refused: &mut Option<(Instant, EvictionRisk)>,
+        policies: &Policies,
+    ) -> Result<(), EvictionRisk> {
         let risk = policies
             .known
             .iter()
@@ -120,25 +221,97 @@ impl EvictionCheck {
                 node: node.clone(),
                 builder: self.builder,
             });
+        self.judged_at.store(self.now_ms(), Ordering::Release);
         if let Some(risk) = risk {
+            self.safe_at.store(0, Ordering::Release);
             if refused.is_none() {
                 tracing::error!(error = %risk, "the idempotency store refuses to serve");
             }
             *refused = Some((Instant::now(), risk.clone()));
-            return Ok(Err(risk));
+            return Err(risk);
         }
-        for reason in &policies.unknown {
-            tracing::warn!(
-                reason = %reason,
-                "could not read Redis's maxmemory-policy: make sure it is `noeviction`, or Redis may \
-                 evict idempotency records when it is full and a retry would run the handler again"
-            );
+        if let Some(reason) = policies.unknown.first() {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    reason = %reason,
+                    "could not read Redis's maxmemory-policy: make sure it is `noeviction`, or \
+                     Redis may evict idempotency records when it is full and a retry would run \
+                     the handler again"
+                );
+            }
         }
         if refused.take().is_some() {
             tracing::info!("Redis's maxmemory-policy no longer evicts: the store serves again");
         }
-        self.passed.store(true, Ordering::Release);
-        Ok(Ok(()))
+        self.safe_at.store(self.now_ms(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Starts a check on `conn` in the background, unless one is running. Its verdict applies to
+    /// the calls that come after it; a check that fails (a broken connection, a master that does
+    /// not answer) is tried again a second later, and the store goes on serving meanwhile: every
+    /// new connection is checked before its first call anyway.
+    fn recheck_in_background<P: MultiplexedPool>(
+        state: &Arc<Self>,
+        conn: &P::Conn,
+        timeout: Duration,
+    ) {
+        if state.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            state.checking.store(false, Ordering::Release);
+            return;
+        };
+        let running = Checking(Arc::clone(state));
+        let conn = conn.clone();
+        runtime.spawn(async move {
+            let state = &running.0;
+            let asked_at = state.now_ms();
+
+            let answer = tokio::time::timeout(timeout, P::policies(conn, timeout)).await;
+            match answer {
+                Ok(Ok(policies)) => {
+                    let mut refused = state.refused.lock().await;
+                    // A verdict is not overturned by an older reading: while this check ran, a
+                    // call may have waited for a check of its own, asked later.
+                    if state.judged_at.load(Ordering::Acquire) < asked_at {
+                        let _ = state.judge(&mut refused, &policies);
+                    }
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {timeout:?}"),
+                    };
+                    tracing::debug!(%error, "could not read Redis's maxmemory-policy again; trying again in a second");
+                    let at = state.safe_at.load(Ordering::Acquire);
+                    if at != 0 {
+                        let again = state
+                            .now_ms()
+                            .saturating_sub(state.every_ms)
+                            .saturating_add(u64::try_from(RECHECK.as_millis()).unwrap_or(1000))
+                            .max(1);
+                        let _ = state.safe_at.compare_exchange(
+                            at,
+                            again,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Clears `checking` when the background check ends, also when its task is dropped (a runtime
+/// that shuts down), so that the next interval starts a new one.
+struct Checking(Arc<State>);
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        self.0.checking.store(false, Ordering::Release);
     }
 }
 

@@ -16,7 +16,7 @@ use deadpool_redis::{
 };
 
 use super::{
-    eviction::{EvictionCheck, Policies},
+    eviction::{EvictionCheck, Policies, Vetting},
     scripts::{is_broken_connection, is_connection_error},
 };
 use crate::store::StoreError;
@@ -99,6 +99,18 @@ multiplexed_pool!(
     super::eviction::cluster_policies
 );
 
+/// What a call does, for the eviction check: a store that refuses (a `maxmemory-policy` that can
+/// evict) refuses claims, so no new handler runs, but lets the fenced writes of claims already
+/// held through: a handler that ran stores its response (else its key would stay in flight until
+/// its lease ran out, and the retry after it would run the handler again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Call {
+    /// A claim, or the store's `check`: refused while the policy can evict.
+    Claim,
+    /// A renewal, completion or release of a claim this request holds.
+    Fenced,
+}
+
 /// A few connections checked out of a pool once and kept, each serving the calls that pick it (in
 /// turn, or by thread: see [`Pick`] and the module docs). A lane whose connection fails (an I/O
 /// error or a timeout) is dropped, and the next request on it checks a fresh connection out of
@@ -125,6 +137,9 @@ struct Slot<P: MultiplexedPool> {
     // it. Without it, with as many lanes as the pool has connections, a burst of first requests
     // could leave every connection kept by a lane and the rest waiting on the pool for ever.
     filling: tokio::sync::Mutex<()>,
+    // The generation (plus 1) of the lane's connection that passed the eviction check: a new
+    // connection (a reconnect: it may reach another server) is checked before its first call.
+    vetted: AtomicU64,
 }
 
 struct Lane<P: MultiplexedPool> {
@@ -156,6 +171,7 @@ impl<P: MultiplexedPool> Lanes<P> {
                 .map(|_| Slot {
                     lane: Mutex::new(None),
                     filling: tokio::sync::Mutex::new(()),
+                    vetted: AtomicU64::new(0),
                 })
                 .collect(),
             pick,
@@ -211,7 +227,7 @@ impl<P: MultiplexedPool> Lanes<P> {
     where
         P::Conn: redis::aio::ConnectionLike + Send,
     {
-        self.run(timeout, |mut conn| async move {
+        self.run(timeout, Call::Claim, |mut conn| async move {
             redis::cmd("PING")
                 .query_async::<redis::Value>(&mut conn)
                 .await
@@ -230,7 +246,12 @@ impl<P: MultiplexedPool> Lanes<P> {
     /// pending record its first attempt wrote answers `Acquired` (see `scripts::parse_claim`).
     /// So a routine reset costs neither a 503 nor a lost completion. A timeout is not re-sent:
     /// the connection was alive and the server slow, and the budget is spent.
-    pub(crate) async fn run<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, StoreError>
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        kind: Call,
+        call: F,
+    ) -> Result<T, StoreError>
     where
         F: Fn(P::Conn) -> Fut,
         Fut: Future<Output = Result<T, redis::RedisError>>,
@@ -241,9 +262,16 @@ impl<P: MultiplexedPool> Lanes<P> {
             loop {
                 let (i, generation, conn) = self.lane().await?;
                 lane = Some((i, generation));
-                let answer = match self.eviction.admit::<P>(&conn, timeout).await {
+                let vetting = Vetting {
+                    vetted: &self.lanes[i].vetted,
+                    generation,
+                };
+                let answer = match self.eviction.admit::<P>(&conn, vetting, timeout).await {
                     Ok(Ok(())) => call(conn).await,
-                    Ok(Err(refused)) => return Err(StoreError::Unavailable(Box::new(refused))),
+                    Ok(Err(refused)) if kind == Call::Claim => {
+                        return Err(StoreError::Unavailable(Box::new(refused)))
+                    }
+                    Ok(Err(_)) => call(conn).await,
                     Err(e) => Err(e),
                 };
                 let e = match answer {

@@ -18,8 +18,8 @@
 //!
 //! # Eviction
 //!
-//! The first time a store connects, it reads Redis's `maxmemory-policy` and refuses to serve
-//! under one that can evict records (see [`eviction`]).
+//! A store reads Redis's `maxmemory-policy` on every new connection and again at an interval
+//! while it serves, and refuses to serve under one that can evict records (see [`eviction`]).
 
 use std::time::Duration;
 
@@ -46,6 +46,24 @@ pub(crate) struct Options {
     pub(crate) lanes: usize,
     /// Serve even when Redis's `maxmemory-policy` can evict records (see [`eviction`]).
     pub(crate) allow_eviction: bool,
+    /// How often a serving store reads the policy again (see [`eviction`]).
+    pub(crate) eviction_check_interval: Duration,
+}
+
+impl Options {
+    /// Checks and sets the interval of the eviction check (both builders' setter).
+    ///
+    /// # Panics
+    ///
+    /// When `every` is zero.
+    pub(crate) fn set_eviction_check_interval(&mut self, every: Duration, builder: &str) {
+        assert!(
+            !every.is_zero(),
+            "{builder}::eviction_check_interval(0): the interval must be positive (a zero interval \
+             would read the policy on every call)"
+        );
+        self.eviction_check_interval = every;
+    }
 }
 
 impl Default for Options {
@@ -55,6 +73,7 @@ impl Default for Options {
             timeout: RedisStore::DEFAULT_TIMEOUT,
             lanes: RedisStore::DEFAULT_LANES,
             allow_eviction: false,
+            eviction_check_interval: RedisStore::DEFAULT_EVICTION_CHECK_INTERVAL,
         }
     }
 }

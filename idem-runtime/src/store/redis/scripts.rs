@@ -210,9 +210,9 @@ pub(crate) fn native_claim(key: &[u8], pending: &[u8], lease: Duration) -> Cmd {
     cmd
 }
 
-/// Parses the native claim's answer. The remaining lease of an in-flight record is not known
-/// without a second command: its `retry_after` is the whole `lease`, an upper bound (the 409's
-/// `Retry-After` is the handler's typical run time bounded by it).
+/// Parses the native claim's answer. The remaining lease of an in-flight record is not in it: its
+/// `retry_after` is the whole `lease`, an upper bound, which the stores replace with the record's
+/// `PTTL` (see [`pttl`] and [`remaining_lease`]): a second round trip, on a 409 only.
 pub(crate) fn parse_native_claim(
     value: Value,
     ticket: &Ticket,
@@ -228,6 +228,24 @@ pub(crate) fn parse_native_claim(
             Ok(classify(record, ticket, lease))
         }
         other => Err(StoreError::Protocol(format!("claim answered {other:?}"))),
+    }
+}
+
+/// `PTTL <key>`: how long an in-flight record's lease still runs.
+pub(crate) fn pttl(key: &[u8]) -> Cmd {
+    let mut cmd = Cmd::with_capacity(2, 4 + key.len());
+    cmd.arg("PTTL").arg(key);
+    cmd
+}
+
+/// The remaining lease in a `PTTL` answer: the milliseconds left; nothing when the record is gone
+/// (it expired or was released since the claim: a retry may run at once); `lease` (the upper
+/// bound the claim had) for anything else.
+pub(crate) fn remaining_lease(value: &Value, lease: Duration) -> Duration {
+    match value {
+        Value::Int(ms) if *ms >= 0 => Duration::from_millis(u64::try_from(*ms).unwrap_or(0)),
+        Value::Int(-2) => Duration::ZERO,
+        _ => lease,
     }
 }
 
@@ -428,6 +446,26 @@ mod tests {
         );
         assert!(parse_native_claim(Value::BulkString(b"junk".to_vec()), &ticket, lease).is_err());
         assert!(parse_native_claim(Value::Int(1), &ticket, lease).is_err());
+    }
+
+    #[test]
+    fn the_remaining_lease_is_the_pttl() {
+        let lease = Duration::from_secs(30);
+        assert_eq!(
+            remaining_lease(&Value::Int(1234), lease),
+            Duration::from_millis(1234)
+        );
+        assert_eq!(remaining_lease(&Value::Int(-2), lease), Duration::ZERO);
+        assert_eq!(remaining_lease(&Value::Int(-1), lease), lease);
+        assert_eq!(remaining_lease(&Value::Nil, lease), lease);
+        let args: Vec<Vec<u8>> = pttl(b"idem:{k}")
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(args, [b"PTTL".to_vec(), b"idem:{k}".to_vec()]);
     }
 
     #[test]

@@ -17,10 +17,10 @@ use deadpool_redis::{
 
 use super::{
     eviction::EvictionCheck,
-    lanes::Lanes,
+    lanes::{Call, Lanes},
     scripts::{
-        native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
-        ClaimMode, Lua, Scripts,
+        native_claim, parse_claim, parse_native_claim, parse_ownership, pttl, refuses_native_claim,
+        remaining_lease, Arg, ClaimMode, Lua, Scripts,
     },
     KeyFormat, Options,
 };
@@ -93,7 +93,8 @@ impl RedisStoreBuilder {
     /// evicts idempotency records (in-flight ones first, as they have the shortest TTL), and a
     /// retry of an evicted request runs the handler a second time.
     ///
-    /// Without it, the store reads the policy the first time it connects and, unless it is
+    /// Without it, the store reads the policy on every new connection and again every
+    /// [`eviction_check_interval`](Self::eviction_check_interval) and, unless it is
     /// `noeviction`, refuses to serve: every call fails with [`StoreError::Unavailable`] wrapping
     /// [`EvictionRisk`](crate::EvictionRisk), and requests get 503. With `noeviction`, a full
     /// Redis refuses writes instead, and requests get 503 until memory frees: the safe answer.
@@ -105,9 +106,31 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How often the store reads Redis's `maxmemory-policy` again while it serves (default 5 s,
+    /// [`RedisStore::DEFAULT_EVICTION_CHECK_INTERVAL`]), so that a policy changed after start
+    /// (`CONFIG SET`, a restart with another configuration file) is refused within about this
+    /// interval. Every new connection is checked before its first call as well, whatever the
+    /// interval. The first call after the interval starts the check in the background: no request
+    /// waits for it, and it costs Redis one `CONFIG GET` per interval per store, never a command
+    /// per request. Without effect with [`allow_eviction`](Self::allow_eviction).
+    ///
+    /// # Panics
+    ///
+    /// When `every` is zero.
+    #[must_use]
+    pub fn eviction_check_interval(mut self, every: Duration) -> Self {
+        self.options
+            .set_eviction_check_interval(every, "RedisStoreBuilder");
+        self
+    }
+
     /// Builds the store. No connection is made until the first call (or [`RedisStore::check`]).
     pub fn build(self) -> RedisStore {
-        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisStoreBuilder");
+        let eviction = EvictionCheck::new(
+            self.options.allow_eviction,
+            "RedisStoreBuilder",
+            self.options.eviction_check_interval,
+        );
         RedisStore {
             inner: Arc::new(Inner {
                 lanes: Lanes::per_thread(self.pool, self.options.lanes, eviction),
@@ -127,6 +150,9 @@ impl RedisStore {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
     /// The default number of multiplexed connections kept out of the pool.
     pub const DEFAULT_LANES: usize = 2;
+    /// How often a store reads Redis's `maxmemory-policy` again while it serves, by default (see
+    /// [`RedisStoreBuilder::eviction_check_interval`]).
+    pub const DEFAULT_EVICTION_CHECK_INTERVAL: Duration = super::eviction::DEFAULT_INTERVAL;
 
     /// A builder over an existing deadpool-redis pool.
     pub fn builder(pool: Pool) -> RedisStoreBuilder {
@@ -192,7 +218,7 @@ impl RedisStore {
         let timeout = self.inner.timeout;
         self.inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, Call::Claim, |mut conn| async move {
                 conn.set_response_timeout(timeout);
                 match cmd.query_async::<Value>(&mut conn).await {
                     Err(e) if refuses_native_claim(&e) => Ok(None),
@@ -202,10 +228,34 @@ impl RedisStore {
             .await
     }
 
+    /// The remaining lease of the in-flight record a native claim found (its `PTTL`), for the
+    /// 409's `Retry-After`; the claim's `lease`, an upper bound, when Redis does not answer.
+    async fn remaining(&self, ticket: &Ticket, lease: Duration) -> Duration {
+        let cmd = self.inner.keys.with_bytes(ticket.key(), pttl);
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        let answer = self
+            .inner
+            .lanes
+            .run(timeout, Call::Claim, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                cmd.query_async::<Value>(&mut conn).await
+            })
+            .await;
+        match answer {
+            Ok(value) => remaining_lease(&value, lease),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read an in-flight record's PTTL");
+                lease
+            }
+        }
+    }
+
     /// Runs `lua` on the ticket's record in one `EVALSHA` round trip (plus a `SCRIPT LOAD` and a
     /// retry after `NOSCRIPT`, when the server lost its scripts).
     async fn eval(
         &self,
+        kind: Call,
         lua: &Lua,
         ticket: &Ticket,
         args: &[Arg<'_>],
@@ -218,7 +268,7 @@ impl RedisStore {
         let timeout = self.inner.timeout;
         self.inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, kind, |mut conn| async move {
                 // The connection's own response timeout (redis-rs defaults to 500 ms) would
                 // otherwise cut a call short of the configured timeout.
                 conn.set_response_timeout(timeout);
@@ -243,18 +293,29 @@ impl Store for RedisStore {
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
         if self.inner.claim_mode.is_native() {
             match self.claim_natively(ticket, lease).await? {
-                Some(value) => return parse_native_claim(value, ticket, lease),
+                Some(value) => {
+                    return match parse_native_claim(value, ticket, lease)? {
+                        Claim::InFlight { .. } => Ok(Claim::InFlight {
+                            retry_after: self.remaining(ticket, lease).await,
+                        }),
+                        claim => Ok(claim),
+                    }
+                }
                 None => self.inner.claim_mode.fall_back(),
             }
         }
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let value = self.eval(&self.inner.scripts.claim, ticket, &args).await?;
+        let value = self
+            .eval(Call::Claim, &self.inner.scripts.claim, ticket, &args)
+            .await?;
         parse_claim(value, ticket)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let value = self.eval(&self.inner.scripts.renew, ticket, &args).await?;
+        let value = self
+            .eval(Call::Fenced, &self.inner.scripts.renew, ticket, &args)
+            .await?;
         parse_ownership(&value)
     }
 
@@ -271,7 +332,7 @@ impl Store for RedisStore {
             Arg::Millis(ttl),
         ];
         let value = self
-            .eval(&self.inner.scripts.complete, ticket, &args)
+            .eval(Call::Fenced, &self.inner.scripts.complete, ticket, &args)
             .await?;
         parse_ownership(&value)
     }
@@ -279,7 +340,7 @@ impl Store for RedisStore {
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record())];
         let value = self
-            .eval(&self.inner.scripts.release, ticket, &args)
+            .eval(Call::Fenced, &self.inner.scripts.release, ticket, &args)
             .await?;
         parse_ownership(&value)
     }

@@ -114,8 +114,10 @@ impl RedisClusterStoreBuilder {
     /// then evicts idempotency records (in-flight ones first, as they have the shortest TTL), and
     /// a retry of an evicted request runs the handler a second time.
     ///
-    /// Without it, the store reads the policy of every master the first time it connects and,
-    /// unless every one is `noeviction`, refuses to serve: every call fails with
+    /// Without it, the store reads the policy of every master on every new connection and again
+    /// every [`eviction_check_interval`](Self::eviction_check_interval) (so a master that a
+    /// failover promoted, or a resharding added, is checked too) and, unless every one is
+    /// `noeviction`, refuses to serve: every call fails with
     /// [`StoreError::Unavailable`] wrapping [`EvictionRisk`](crate::EvictionRisk), and requests
     /// get 503. A master that does not let the store read its configuration (a managed service,
     /// an ACL that denies `CONFIG`) is served, with one warning.
@@ -125,10 +127,33 @@ impl RedisClusterStoreBuilder {
         self
     }
 
+    /// How often the store reads every master's `maxmemory-policy` again while it serves
+    /// (default 5 s, [`RedisStore::DEFAULT_EVICTION_CHECK_INTERVAL`](crate::RedisStore::DEFAULT_EVICTION_CHECK_INTERVAL)),
+    /// so that a policy changed after start (`CONFIG SET`, a restart with another configuration
+    /// file, a failover to a node configured otherwise) is refused within about this interval.
+    /// Every new connection is checked before its first call as well, whatever the interval. The
+    /// first call after the interval starts the check in the background: no request waits for
+    /// it, and it costs each master one `CONFIG GET` per interval per store, never a command per
+    /// request. Without effect with [`allow_eviction`](Self::allow_eviction).
+    ///
+    /// # Panics
+    ///
+    /// When `every` is zero.
+    #[must_use]
+    pub fn eviction_check_interval(mut self, every: Duration) -> Self {
+        self.options
+            .set_eviction_check_interval(every, "RedisClusterStoreBuilder");
+        self
+    }
+
     /// Builds the store. No connection is made until the first call (or
     /// [`RedisClusterStore::check`]).
     pub fn build(self) -> RedisClusterStore {
-        let eviction = EvictionCheck::new(self.options.allow_eviction, "RedisClusterStoreBuilder");
+        let eviction = EvictionCheck::new(
+            self.options.allow_eviction,
+            "RedisClusterStoreBuilder",
+            self.options.eviction_check_interval,
+        );
         RedisClusterStore {
             inner: Arc::new(Inner {
                 lanes: Lanes::new(self.pool, self.options.lanes, eviction),

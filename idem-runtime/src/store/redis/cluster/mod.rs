@@ -56,10 +56,10 @@ use deadpool_redis::{
 };
 
 use super::{
-    lanes::Lanes,
+    lanes::{Call, Lanes},
     scripts::{
-        millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
-        refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
+        millis, native_claim, parse_claim, parse_native_claim, parse_ownership, pttl,
+        refuses_native_claim, remaining_lease, Arg, ClaimMode, Lua, Scripts,
     },
     KeyFormat, Options,
 };
@@ -149,6 +149,7 @@ impl RedisClusterStore {
     /// Answers the script's value and the number of replicas `WAIT` counted.
     async fn eval(
         &self,
+        kind: Call,
         lua: &Lua,
         ticket: &Ticket,
         args: &[Arg<'_>],
@@ -164,7 +165,7 @@ impl RedisClusterStore {
         let mut values = self
             .inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, kind, |mut conn| async move {
                 let values = send(&mut conn, evalsha, wait, route).await?;
                 if !values.first().is_some_and(is_noscript) {
                     return Ok(values);
@@ -211,7 +212,7 @@ impl RedisClusterStore {
         let values = self
             .inner
             .lanes
-            .run(timeout, |mut conn| async move {
+            .run(timeout, Call::Claim, |mut conn| async move {
                 match send(&mut conn, cmd, wait, route).await {
                     Err(e) if refuses_native_claim(&e) => Ok(None),
                     answer => answer.map(Some),
@@ -229,6 +230,31 @@ impl RedisClusterStore {
             Ok(value) => Ok(Some((value, values.next()))),
             Err(e) if refuses_native_claim(&e) => Ok(None),
             Err(e) => Err(StoreError::Unavailable(Box::new(e))),
+        }
+    }
+
+    /// The remaining lease of the in-flight record a native claim found (its `PTTL`, on the
+    /// master of its slot), for the 409's `Retry-After`; the claim's `lease`, an upper bound,
+    /// when the master does not answer.
+    async fn remaining(&self, ticket: &Ticket, lease: Duration) -> Duration {
+        let (cmd, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            (pttl(key), Route::with_key(key, SlotAddr::Master))
+        });
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let (cmd, routing) = (&cmd, &routing);
+        let answer = self
+            .inner
+            .lanes
+            .run(self.inner.timeout, Call::Claim, |mut conn| async move {
+                conn.route_command(cmd.clone(), routing.clone()).await
+            })
+            .await;
+        match answer {
+            Ok(value) => remaining_lease(&value, lease),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read an in-flight record's PTTL");
+                lease
+            }
         }
     }
 
@@ -351,11 +377,25 @@ impl Store for RedisClusterStore {
             None
         };
         let claim = match native {
-            Some((value, acked)) => (parse_native_claim(value, ticket, lease)?, acked),
+            Some((value, acked)) => match parse_native_claim(value, ticket, lease)? {
+                Claim::InFlight { .. } => (
+                    Claim::InFlight {
+                        retry_after: self.remaining(ticket, lease).await,
+                    },
+                    acked,
+                ),
+                claim => (claim, acked),
+            },
             None => {
                 let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
                 let (value, acked) = self
-                    .eval(&self.inner.scripts.claim, ticket, &args, self.inner.wait)
+                    .eval(
+                        Call::Claim,
+                        &self.inner.scripts.claim,
+                        ticket,
+                        &args,
+                        self.inner.wait,
+                    )
                     .await?;
                 (parse_claim(value, ticket)?, acked)
             }
@@ -381,7 +421,7 @@ impl Store for RedisClusterStore {
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
         let (value, _) = self
-            .eval(&self.inner.scripts.renew, ticket, &args, None)
+            .eval(Call::Fenced, &self.inner.scripts.renew, ticket, &args, None)
             .await?;
         parse_ownership(&value)
     }
@@ -399,7 +439,13 @@ impl Store for RedisClusterStore {
             Arg::Millis(ttl),
         ];
         let (value, acked) = self
-            .eval(&self.inner.scripts.complete, ticket, &args, self.inner.wait)
+            .eval(
+                Call::Fenced,
+                &self.inner.scripts.complete,
+                ticket,
+                &args,
+                self.inner.wait,
+            )
             .await?;
         let ownership = parse_ownership(&value)?;
         if ownership == Ownership::Held {
@@ -411,7 +457,13 @@ impl Store for RedisClusterStore {
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
         let args = [Arg::Bytes(ticket.pending_record())];
         let (value, _) = self
-            .eval(&self.inner.scripts.release, ticket, &args, None)
+            .eval(
+                Call::Fenced,
+                &self.inner.scripts.release,
+                ticket,
+                &args,
+                None,
+            )
             .await?;
         parse_ownership(&value)
     }
