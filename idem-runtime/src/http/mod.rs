@@ -16,7 +16,7 @@ use tracing::{field, Instrument as _, Span};
 
 use crate::{
     config::Idempotency,
-    fingerprint::FingerprintHasher,
+    fingerprint::{FingerprintHasher, FingerprintMode},
     key::IdempotencyKey,
     lifecycle::{self, Outcome, Owned, Policy, Settlement},
     observe,
@@ -159,7 +159,7 @@ where
         record(spec.handler, Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
-    let mut hasher = fingerprint_head(&req);
+    let mut hasher = fingerprint_head(&req, spec.fingerprint);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
@@ -174,7 +174,7 @@ where
             return problem.to_response();
         }
     };
-    let ticket = Ticket::new(address, hasher.finish());
+    let ticket = Ticket::new(address, hasher.finish(&body));
 
     // 4. Claim.
     match lifecycle::claim(&*settings.store, &ticket, &policy, &settings.waiters).await {
@@ -247,7 +247,7 @@ where
 /// handler with the same path parameters, are the same request. actix-web decodes lossily: when
 /// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
 /// different raw paths never meet in one replacement character.
-fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
+fn fingerprint_head(req: &HttpRequest, mode: FingerprintMode) -> FingerprintHasher {
     let routed = req.match_info().as_str();
     let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
         req.path()
@@ -264,6 +264,7 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
         }
     };
     FingerprintHasher::new(
+        mode,
         req.method().as_str(),
         path,
         req.query_string(),
