@@ -217,7 +217,7 @@ fn openapi_document_describes_the_idempotent_endpoint() {
     assert_eq!(
         op["x-idempotency"],
         json!({"header": "Idempotency-Key", "required": true, "ttl_ms": 86_400_000_u64, "lease_ms": 30_000,
-            "fingerprint": {"mode": "raw", "ignore": []}})
+            "fingerprint": {"mode": "json", "ignore": []}})
     );
     let keys: Vec<&Value> = op["parameters"]
         .as_array()
