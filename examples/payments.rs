@@ -189,7 +189,7 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
 /// Authenticated with `Authorization: Bearer <token>`; the token names the client.
 // `#[idempotent]` comes first: it adds what it knows to `#[utoipa::path]` (with the `openapi`
 // feature), and both come before the route attribute, as utoipa expects.
-#[idempotent(ttl = "24h", require_key)]
+#[idempotent(ttl = "24h", require_key, fingerprint = "json")]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(feature = "openapi", utoipa::path(
     post,
@@ -620,7 +620,7 @@ mod db {
     /// the request's transaction, then the handler meets its outcome. The runtime commits the row
     /// with the completed record, or rolls it back (a 503 here, a crash, a lost lease).
     #[post("/payments")]
-    #[idempotent(ttl = "24h", require_key)]
+    #[idempotent(ttl = "24h", require_key, fingerprint = "json")]
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn create_payment_in_transaction(
         req: HttpRequest,

@@ -110,6 +110,48 @@
 //!     .route("/refunds/{id}", web::post().to(refund));
 //! ```
 //!
+//! A JSON API can compare what a body says rather than its bytes: with `fingerprint = "json"`, a
+//! retry whose JSON is written another way (member order, whitespace, escapes) replays, and
+//! `ignore` leaves out the fields that change on every attempt:
+//!
+//! ```
+//! use actix_web::{http::StatusCode, test, web, App, HttpResponse};
+//! use idem::{idempotent, Idempotency, MemoryStore, Unscoped};
+//!
+//! #[idempotent(scope = Unscoped, fingerprint = "json", ignore = ["/client_ts"])]
+//! async fn transfer(body: web::Json<serde_json::Value>) -> HttpResponse {
+//!     HttpResponse::Created().body(format!("moved {}", body["amount"]))
+//! }
+//!
+//! # actix_web::rt::System::new().block_on(async {
+//! let app = test::init_service(
+//!     App::new()
+//!         .app_data(Idempotency::new(MemoryStore::new()))
+//!         .route("/transfers", web::post().to(transfer)),
+//! )
+//! .await;
+//! let send = |body: &'static str| {
+//!     test::TestRequest::post()
+//!         .uri("/transfers")
+//!         .insert_header(("Idempotency-Key", "t-1"))
+//!         .insert_header(("Content-Type", "application/json"))
+//!         .set_payload(body)
+//!         .to_request()
+//! };
+//!
+//! let first = test::call_service(&app, send(r#"{"amount":100,"to":"bob","client_ts":1}"#)).await;
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//!
+//! let retry = send(r#"{ "to": "bob", "amount": 100, "client_ts": 2 }"#);
+//! let retry = test::call_service(&app, retry).await;
+//! assert_eq!(retry.headers().get("idempotent-replayed").unwrap(), "true");
+//!
+//! let changed = send(r#"{"amount":200,"to":"bob","client_ts":3}"#);
+//! let changed = test::call_service(&app, changed).await;
+//! assert_eq!(changed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+//! # });
+//! ```
+//!
 //! See [`#[idempotent]`](macro@idempotent) for every argument.
 //!
 //! # Supported Rust Versions

@@ -216,7 +216,8 @@ fn openapi_document_describes_the_idempotent_endpoint() {
     assert_eq!(op["operationId"], "create_payment");
     assert_eq!(
         op["x-idempotency"],
-        json!({"header": "Idempotency-Key", "required": true, "ttl_ms": 86_400_000_u64, "lease_ms": 30_000})
+        json!({"header": "Idempotency-Key", "required": true, "ttl_ms": 86_400_000_u64, "lease_ms": 30_000,
+            "fingerprint": {"mode": "json", "ignore": []}})
     );
     let keys: Vec<&Value> = op["parameters"]
         .as_array()

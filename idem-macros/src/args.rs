@@ -20,10 +20,12 @@ mod kw {
     syn::custom_keyword!(fail_open);
     syn::custom_keyword!(store_server_errors);
     syn::custom_keyword!(max_body);
+    syn::custom_keyword!(fingerprint);
+    syn::custom_keyword!(ignore);
 }
 
 /// Every argument's name, for suggestions.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 11] = [
     "ttl",
     "lease",
     "require_key",
@@ -33,6 +35,8 @@ const NAMES: [&str; 9] = [
     "fail_open",
     "store_server_errors",
     "max_body",
+    "fingerprint",
+    "ignore",
 ];
 
 /// The runtime's default record retention (`Idempotency::DEFAULT_TTL`), which a `lease` is
@@ -73,6 +77,27 @@ pub(crate) struct Args {
     pub(crate) store_server_errors: Option<Span>,
     /// The request body limit, in bytes.
     pub(crate) max_body: Option<Spanned<u64>>,
+    /// How the body enters the fingerprint.
+    pub(crate) fingerprint: Option<Spanned<Fingerprint>>,
+    /// The JSON pointers left out of a JSON fingerprint.
+    pub(crate) ignore: Option<Ignore>,
+}
+
+/// The values of `fingerprint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fingerprint {
+    /// `"raw"`: the body's bytes (the default).
+    Raw,
+    /// `"json"`: the body's canonical JSON form.
+    Json,
+}
+
+/// `ignore = ["/client_ts", "/trace/id"]`.
+pub(crate) struct Ignore {
+    /// The span of the `ignore` keyword.
+    pub(crate) span: Span,
+    /// Each pointer as written, and its unescaped reference tokens.
+    pub(crate) pointers: Vec<(LitStr, Vec<String>)>,
 }
 
 impl Parse for Args {
@@ -122,6 +147,15 @@ impl Parse for Args {
                 let key = input.parse::<kw::max_body>()?;
                 once(&args.max_body, "max_body", key.span)?;
                 args.max_body = Some(size_value(input, key.span)?);
+            } else if lookahead.peek(kw::fingerprint) {
+                let key = input.parse::<kw::fingerprint>()?;
+                once(&args.fingerprint, "fingerprint", key.span)?;
+                let value = string_value(input, "fingerprint", "\"json\"", key.span)?;
+                args.fingerprint = Some(fingerprint_mode(&value)?);
+            } else if lookahead.peek(kw::ignore) {
+                let key = input.parse::<kw::ignore>()?;
+                once(&args.ignore, "ignore", key.span)?;
+                args.ignore = Some(ignore_value(input, key.span)?);
             } else if input.peek(Ident::peek_any) {
                 let unknown = input.call(Ident::parse_any)?;
                 return Err(unknown_argument(&unknown, lookahead.error()));
@@ -135,6 +169,7 @@ impl Parse for Args {
         }
         args.check_bounds()?;
         args.check_lease()?;
+        args.check_ignore()?;
         Ok(args)
     }
 }
@@ -157,6 +192,22 @@ impl Args {
             }
         }
         Ok(())
+    }
+
+    /// `ignore` names parts of a JSON body: without the JSON fingerprint there are none.
+    fn check_ignore(&self) -> syn::Result<()> {
+        let json = self
+            .fingerprint
+            .as_ref()
+            .is_some_and(|f| f.value == Fingerprint::Json);
+        match &self.ignore {
+            Some(ignore) if !json => Err(syn::Error::new(
+                ignore.span,
+                "`ignore` leaves parts of a JSON body out of the fingerprint, so it needs \
+                 `fingerprint = \"json\"`; the raw fingerprint compares the body's bytes whole",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// A lease at least as long as the record's retention would keep a crashed request's key
@@ -290,6 +341,135 @@ fn size_value(input: ParseStream<'_>, key: Span) -> syn::Result<Spanned<u64>> {
         }),
         Err(err) => Err(syn::Error::new(span, err.message(&written))),
     }
+}
+
+/// `"raw"` or `"json"`.
+fn fingerprint_mode(lit: &LitStr) -> syn::Result<Spanned<Fingerprint>> {
+    let written = lit.value();
+    let value = match written.as_str() {
+        "raw" => Fingerprint::Raw,
+        "json" => Fingerprint::Json,
+        _ => {
+            return Err(syn::Error::new(
+                lit.span(),
+                format!(
+                    "`fingerprint` is \"raw\" (the body's bytes, the default) or \"json\" (the \
+                     body's canonical JSON form), not \"{written}\""
+                ),
+            ))
+        }
+    };
+    Ok(Spanned {
+        value,
+        span: lit.span(),
+        written,
+    })
+}
+
+/// Parses `= ["/a", "/b/c"]`: at least one JSON pointer, each valid and none reaching into
+/// another.
+fn ignore_value(input: ParseStream<'_>, key: Span) -> syn::Result<Ignore> {
+    const EXAMPLE: &str = "`ignore = [\"/client_ts\", \"/trace/id\"]`";
+    equals(input, "ignore", "[\"/client_ts\"]", key)?;
+    if !input.peek(syn::token::Bracket) {
+        return Err(syn::Error::new_spanned(
+            rest_of_argument(input)?,
+            format!("`ignore` takes a list of JSON pointers (RFC 6901), for example {EXAMPLE}"),
+        ));
+    }
+    let content;
+    let brackets = syn::bracketed!(content in input);
+    let mut pointers: Vec<(LitStr, Vec<String>)> = Vec::new();
+    while !content.is_empty() {
+        if !content.peek(LitStr) {
+            return Err(syn::Error::new_spanned(
+                rest_of_argument(&content)?,
+                format!("`ignore` lists JSON pointers as strings, for example {EXAMPLE}"),
+            ));
+        }
+        let lit = content.parse::<LitStr>()?;
+        let tokens = json_pointer(&lit)?;
+        for (earlier, earlier_tokens) in &pointers {
+            let shorter = earlier_tokens.len().min(tokens.len());
+            if earlier_tokens[..shorter] != tokens[..shorter] {
+                continue;
+            }
+            let message = if earlier_tokens.len() == tokens.len() {
+                format!("\"{}\" is listed twice in `ignore`", lit.value())
+            } else {
+                let (outer, inner) = if earlier_tokens.len() < tokens.len() {
+                    (earlier.value(), lit.value())
+                } else {
+                    (lit.value(), earlier.value())
+                };
+                format!(
+                    "\"{inner}\" is inside \"{outer}\", which `ignore` already leaves out \
+                     whole: keep only one of them"
+                )
+            };
+            return Err(syn::Error::new(lit.span(), message));
+        }
+        pointers.push((lit, tokens));
+        if content.is_empty() {
+            break;
+        }
+        content.parse::<Token![,]>()?;
+    }
+    if pointers.is_empty() {
+        return Err(syn::Error::new(
+            brackets.span.join(),
+            format!("`ignore` lists no pointer: name at least one, as in {EXAMPLE}, or leave `ignore` out"),
+        ));
+    }
+    Ok(Ignore {
+        span: key,
+        pointers,
+    })
+}
+
+/// Checks a JSON pointer (RFC 6901) and returns its reference tokens, unescaped (`~1` is `/`,
+/// `~0` is `~`).
+fn json_pointer(lit: &LitStr) -> syn::Result<Vec<String>> {
+    let written = lit.value();
+    let refuse = |why: String| Err(syn::Error::new(lit.span(), why));
+    if written.is_empty() {
+        return refuse(
+            "the empty JSON pointer names the whole body, and leaving it all out would make \
+             every request with one key the same: name members, such as \"/client_ts\""
+                .to_owned(),
+        );
+    }
+    let Some(rest) = written.strip_prefix('/') else {
+        return refuse(format!(
+            "\"{written}\" is not a JSON pointer (RFC 6901): a pointer starts with `/`, as in \
+             \"/{written}\""
+        ));
+    };
+    let mut tokens = Vec::new();
+    for token in rest.split('/') {
+        let mut unescaped = String::with_capacity(token.len());
+        let mut chars = token.chars();
+        while let Some(c) = chars.next() {
+            if c != '~' {
+                unescaped.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('0') => unescaped.push('~'),
+                Some('1') => unescaped.push('/'),
+                _ => {
+                    return refuse(format!(
+                        "\"{written}\" is not a JSON pointer (RFC 6901): `~` is an escape, `~0` \
+                         for `~` and `~1` for `/`"
+                    ))
+                }
+            }
+        }
+        // `-` (RFC 6901's element after an array's end) names no element of a body; it stays a
+        // valid pointer, since in an object it is the member named `-`.
+        tokens.push(unescaped);
+    }
+    Ok(tokens)
 }
 
 /// A flag takes no value: `require_key`, never `require_key = true`.
@@ -439,6 +619,8 @@ mod tests {
             ("fail_open", "fail_open"),
             ("store_server_errors", "store_server_errors"),
             ("max_body", "max_body = 10"),
+            ("fingerprint", r#"fingerprint = "json""#),
+            ("ignore", r#"ignore = ["/a"]"#),
         ] {
             assert_eq!(
                 error(&format!("{once}, {once}")),
@@ -488,6 +670,59 @@ mod tests {
         assert!(error("max_body = true").starts_with("`max_body` takes a size"));
         assert!(error(r#"ttl = "24 hours""#).starts_with(r#"`ttl`: "24 hours" is not a duration"#));
         assert!(error("header = X").starts_with("`header` takes a string"));
+    }
+
+    #[test]
+    fn fingerprint_modes() {
+        let json = parse(
+            r#"fingerprint = "json", ignore = ["/client_ts", "/trace/id", "/a~1b~0c", "/items/0", "/"]"#,
+        );
+        let Ok(json) = json else {
+            panic!("did not parse");
+        };
+        assert_eq!(json.fingerprint.map(|f| f.value), Some(Fingerprint::Json));
+        let tokens: Vec<Vec<String>> = json
+            .ignore
+            .map(|i| i.pointers.into_iter().map(|(_, t)| t).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            tokens,
+            [
+                vec!["client_ts"],
+                vec!["trace", "id"],
+                vec!["a/b~c"],
+                vec!["items", "0"],
+                vec![""],
+            ]
+        );
+        // `ignore` may come first.
+        assert!(parse(r#"ignore = ["/a"], fingerprint = "json""#).is_ok());
+        assert!(parse(r#"fingerprint = "raw""#).is_ok());
+        assert!(error(r#"fingerprint = "JSON""#).contains(r#"not "JSON""#));
+        assert!(error("fingerprint = json").starts_with("`fingerprint` takes a string"));
+        assert!(error(r#"ignore = ["/a"]"#).contains(r#"needs `fingerprint = "json"`"#));
+        assert!(error(r#"fingerprint = "raw", ignore = ["/a"]"#).contains("needs"));
+    }
+
+    #[test]
+    fn ignored_pointers_are_checked() {
+        let json = |ignore: &str| error(&format!(r#"fingerprint = "json", ignore = {ignore}"#));
+        assert!(json("[]").contains("lists no pointer"));
+        assert!(json(r#""/a""#).contains("takes a list of JSON pointers"));
+        assert!(json("[a]").contains("as strings"));
+        assert!(json(r#"[""]"#).contains("names the whole body"));
+        assert!(json(r#"["a"]"#).contains(r#"starts with `/`, as in "/a""#));
+        assert!(json(r#"["/a~2"]"#).contains("`~0` for `~`"));
+        assert!(json(r#"["/a~"]"#).contains("`~0` for `~`"));
+        assert!(parse(r#"fingerprint = "json", ignore = ["/items/-"]"#).is_ok());
+        assert!(json(r#"["/a", "/a"]"#).contains(r#""/a" is listed twice"#));
+        assert!(json(r#"["/a~1b", "/a~1b"]"#).contains("listed twice"));
+        assert!(json(r#"["/trace", "/trace/id"]"#).contains(r#""/trace/id" is inside "/trace""#));
+        assert!(json(r#"["/trace/id", "/trace"]"#).contains(r#""/trace/id" is inside "/trace""#));
+        // Siblings and a name that merely starts like another are fine.
+        assert!(
+            parse(r#"fingerprint = "json", ignore = ["/a/b", "/a/c", "/ab", "/a~1b"]"#).is_ok()
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@ use proc_macro2::{Literal, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens as _};
 use syn::{ext::IdentExt as _, spanned::Spanned as _, Ident, Item, LitStr};
 
-use crate::{args::Args, handler::Handler};
+use crate::{
+    args::{Args, Fingerprint},
+    handler::Handler,
+};
 
 /// Expands `#[idempotent(args)] item`. On error, the item is emitted unchanged next to the error,
 /// so that the rest of the crate (and the IDE) still sees the function.
@@ -184,6 +187,19 @@ fn spec_fields(args: &Args) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
+    let fingerprint = match (&args.fingerprint, &args.ignore) {
+        (Some(mode), ignore) if mode.value == Fingerprint::Json => {
+            let pointers = ignore
+                .iter()
+                .flat_map(|i| &i.pointers)
+                .map(|(lit, tokens)| {
+                    let tokens = tokens.iter().map(|t| LitStr::new(t, lit.span()));
+                    quote!(&[#(#tokens),*])
+                });
+            quote!(::idem::__private::FingerprintMode::Json { ignore: &[#(#pointers),*] })
+        }
+        _ => quote!(::idem::__private::FingerprintMode::Raw),
+    };
     quote! {
         ttl: #ttl,
         lease: #lease,
@@ -192,6 +208,7 @@ fn spec_fields(args: &Args) -> TokenStream {
         fail_open: #fail_open,
         server_errors: #server_errors,
         max_body: #max_body,
+        fingerprint: #fingerprint,
         timing: ::idem::__private::HandlerTiming::new(),
     }
 }

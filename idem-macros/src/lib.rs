@@ -60,9 +60,20 @@ use proc_macro::TokenStream;
 ///   413 and nothing is recorded. (A request without a key is not fingerprinted: it reaches the
 ///   handler as is, and the handler's own extractors apply their limits.) Default: the app's
 ///   (1 MiB).
+/// - `fingerprint = "json"`: compare the body by its canonical JSON form instead of its bytes,
+///   so that member order, whitespace and string escapes (`"\u0041"` for `"A"`) do not count;
+///   numbers count by their text as written (`100` is not `100.0`). A body with no canonical
+///   form (not JSON, nested deeper than 128, sent with a `Content-Encoding`, or naming one
+///   member twice) is compared by its bytes and left to the handler's own extractor. Default:
+///   `"raw"`, the body's bytes as sent.
+/// - `ignore = ["/client_ts", "/trace/id"]`: with `fingerprint = "json"`, JSON pointers
+///   (RFC 6901) to values left out of the comparison, for fields that change on every attempt.
+///   A member a pointer names counts neither when it is there nor when it is not. Default:
+///   nothing left out.
 ///
 /// Each argument is checked at compile time: a malformed duration, a lease not shorter than the
-/// ttl, an invalid header name, a scope type that is not an `IdempotencyScope` or a return type
+/// ttl, an invalid header name, an unknown fingerprint, a malformed JSON pointer or `ignore`
+/// without `fingerprint = "json"`, a scope type that is not an `IdempotencyScope` or a return type
 /// that is not a `Responder` are compile errors.
 ///
 /// # Examples
@@ -80,7 +91,7 @@ use proc_macro::TokenStream;
 /// }
 ///
 /// // Or registered by hand, with the app's scope resolver:
-/// #[idempotent(lease = "10s", wait = "5s", max_body = "64KiB")]
+/// #[idempotent(lease = "10s", wait = "5s", fingerprint = "json", ignore = ["/client_ts"])]
 /// async fn refund(path: web::Path<u64>) -> HttpResponse {
 ///     HttpResponse::Ok().body(format!("refunded {path}"))
 /// }

@@ -8,7 +8,7 @@ use proc_macro2::{Delimiter, Group, TokenStream, TokenTree};
 use quote::quote;
 use syn::{Attribute, Meta};
 
-use crate::args::Args;
+use crate::args::{Args, Fingerprint};
 
 /// The attributes, with the extension added to a `#[utoipa::path]`.
 pub(crate) fn mark(attrs: &[Attribute], args: &Args) -> Vec<Attribute> {
@@ -47,13 +47,24 @@ fn extension(args: &Args) -> TokenStream {
     let ttl = ms(args.ttl.as_ref().map(|d| d.value));
     let lease = ms(args.lease.as_ref().map(|d| d.value));
     let wait = ms(args.wait.as_ref().map(|d| d.value));
+    let json = args
+        .fingerprint
+        .as_ref()
+        .is_some_and(|f| f.value == Fingerprint::Json);
+    let mode = if json { "json" } else { "raw" };
+    let ignore = args
+        .ignore
+        .iter()
+        .flat_map(|i| &i.pointers)
+        .map(|(lit, _)| lit.value());
     quote! {
         ("x-idempotency" = json!({
             "header": #header,
             "required": #required,
             "ttl_ms": #ttl,
             "lease_ms": #lease,
-            "wait_ms": #wait
+            "wait_ms": #wait,
+            "fingerprint": { "mode": #mode, "ignore": [#(#ignore),*] }
         }))
     }
 }

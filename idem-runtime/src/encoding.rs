@@ -11,6 +11,7 @@
 //! | id | encoding | since |
 //! | --- | --- | --- |
 //! | 2 | raw, v2: method, routed path, query, `Content-Type`, `Content-Encoding`, raw body (`idem/fingerprint/v2`) | the first release with record format 1 (implicit there) |
+//! | 3 | JSON, v1: the same head, then the body's canonical JSON form without its ignored members, or its raw bytes tagged apart (`idem/fingerprint/json/v1`); `fingerprint = "json"` | the first release with record format 2 |
 //!
 //! Ids 0 and 1 are never used (1 would be the raw v1 encoding, whose records no longer exist). A
 //! new encoding takes the next free id, is added to [`FingerprintEncoding::KNOWN`], and to the
@@ -32,10 +33,14 @@ impl FingerprintEncoding {
     /// Every record of record format 1 is in it.
     pub const RAW_V2: Self = Self(2);
 
-    // h21a's JSON encoding gets its id here (the next free one, 3), and joins `KNOWN`.
+    /// The JSON encoding, version 1 (`idem/fingerprint/json/v1`), of a handler with
+    /// `fingerprint = "json"`: the same head as [`RAW_V2`](Self::RAW_V2), then the body's
+    /// canonical JSON form without the members its `ignore` pointers name (or its raw bytes,
+    /// tagged apart, when it has no canonical form).
+    pub const JSON_V1: Self = Self(3);
 
     /// The encodings this release computes, the one every record of format 1 is in first.
-    pub const KNOWN: &'static [Self] = &[Self::RAW_V2];
+    pub const KNOWN: &'static [Self] = &[Self::RAW_V2, Self::JSON_V1];
 
     /// The encoding with `id`, known to this release or not.
     pub const fn from_id(id: u8) -> Self {
@@ -57,6 +62,7 @@ impl fmt::Debug for FingerprintEncoding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::RAW_V2 => write!(f, "raw/v2 ({})", self.0),
+            Self::JSON_V1 => write!(f, "json/v1 ({})", self.0),
             _ => write!(f, "unknown ({})", self.0),
         }
     }

@@ -11,6 +11,15 @@
 //!
 //! Every field but the body is length-prefixed, and the body's length closes the hash, so no two
 //! distinct requests share an encoding: `("/a", "bc")` and `("/ab", "c")` hash differently.
+//!
+//! A handler chooses how its body counts ([`FingerprintMode`]): as raw bytes (the default), or
+//! by its canonical JSON form (`fingerprint = "json"`, see [`json`] for the form), optionally
+//! without the values that named JSON pointers reach. The two are distinct encodings
+//! ([`FingerprintEncoding`]): each digest input starts with its own domain tag, so a raw digest
+//! and a JSON digest never meet. In the JSON encoding, after the same head, one byte says which
+//! form of the body follows: `c` for the canonical form, `r` for the raw bytes of a body that has
+//! none (not JSON, ambiguous, too deep, or sent with a `Content-Encoding`): such a body meets
+//! only its own bytes, exactly as in the raw encoding, and the handler's own parser answers it.
 
 use std::{borrow::Cow, fmt};
 
@@ -18,10 +27,49 @@ use sha2::{Digest, Sha256};
 
 use crate::encoding::FingerprintEncoding;
 
-/// The encoding's version: a change to what is hashed changes it, so that no two encodings can
-/// agree by accident. A changed encoding gets a new [`FingerprintEncoding`] id, and this release
-/// keeps computing the previous one, so that the records it wrote are compared in it.
+mod json;
+
+/// The raw encoding's domain tag, [`FingerprintEncoding::RAW_V2`]: a change to what is hashed
+/// changes it, so that no two encodings can agree by accident. A changed encoding gets a new
+/// [`FingerprintEncoding`] id, and this release keeps computing the previous one, so that the
+/// records it wrote are compared in it.
 const DOMAIN: &[u8] = b"idem/fingerprint/v2\0";
+
+/// The JSON encoding's domain tag, [`FingerprintEncoding::JSON_V1`]. Neither tag is a prefix of
+/// the other.
+const JSON_DOMAIN: &[u8] = b"idem/fingerprint/json/v1\0";
+
+/// How a handler's request body enters its fingerprint: `fingerprint = "raw"` (the default) or
+/// `fingerprint = "json"` on `#[idempotent]`. Built by the macro.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FingerprintMode {
+    /// The raw body bytes, as sent.
+    Raw,
+    /// The body's canonical JSON form, without the values `ignore` names.
+    Json {
+        /// JSON pointers (RFC 6901), each as its unescaped reference tokens: `/trace/id` is
+        /// `&["trace", "id"]`, `/a~1b` is `&["a/b"]`. The macro checks them.
+        ignore: &'static [&'static [&'static str]],
+    },
+}
+
+impl FingerprintMode {
+    /// The encoding a fingerprint in this mode is written in.
+    pub(crate) const fn encoding(&self) -> FingerprintEncoding {
+        match self {
+            Self::Raw => FingerprintEncoding::RAW_V2,
+            Self::Json { .. } => FingerprintEncoding::JSON_V1,
+        }
+    }
+
+    /// The domain tag the digest input starts with.
+    const fn domain(&self) -> &'static [u8] {
+        match self {
+            Self::Raw => DOMAIN,
+            Self::Json { .. } => JSON_DOMAIN,
+        }
+    }
+}
 
 /// A SHA-256 digest identifying one request's content, with the encoding that computed it.
 ///
@@ -37,9 +85,10 @@ impl Fingerprint {
     /// already in memory.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn compute(method: &str, path: &str, query: &str, body: &[u8]) -> Self {
-        let mut hasher = FingerprintHasher::new(method, path, query, &[], &[]);
+        let mut hasher =
+            FingerprintHasher::new(FingerprintMode::Raw, method, path, query, &[], &[]);
         hasher.update(body);
-        hasher.finish()
+        hasher.finish(body)
     }
 
     /// Wraps raw digest bytes computed in the raw encoding, v2 ([`FingerprintEncoding::RAW_V2`]):
@@ -80,12 +129,17 @@ impl fmt::Debug for Fingerprint {
 pub(crate) struct FingerprintHasher {
     hasher: Sha256,
     body_len: u64,
+    mode: FingerprintMode,
+    /// Whether the body came with a `Content-Encoding` (its bytes are not the JSON text).
+    encoded: bool,
 }
 
 impl FingerprintHasher {
-    /// Starts a fingerprint with the request's head: method, path (as routed), query, and the
-    /// raw values of its `Content-Type` and `Content-Encoding` header lines (normalised here).
+    /// Starts a fingerprint in `mode` with the request's head: method, path (as routed), query,
+    /// and the raw values of its `Content-Type` and `Content-Encoding` header lines (normalised
+    /// here).
     pub(crate) fn new(
+        mode: FingerprintMode,
         method: &str,
         path: &str,
         query: &str,
@@ -93,7 +147,7 @@ impl FingerprintHasher {
         content_encoding: &[&[u8]],
     ) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(DOMAIN);
+        hasher.update(mode.domain());
         // The usual request (one `Content-Type: application/json`, no `Content-Encoding`) is
         // already in normal form: hashed as sent, with no copy.
         let content_type: Cow<'_, [u8]> = match content_type {
@@ -116,22 +170,52 @@ impl FingerprintHasher {
             hasher.update((field.len() as u64).to_be_bytes());
             hasher.update(field);
         }
+        let encoded = !content_encoding.is_empty();
         Self {
             hasher,
             body_len: 0,
+            mode,
+            encoded,
         }
     }
 
-    /// Feeds the next chunk of the raw body.
+    /// Feeds the next chunk of the raw body, as it arrives (the raw encoding hashes it at once;
+    /// the JSON encoding needs the whole body, which [`Self::finish`] gets).
     pub(crate) fn update(&mut self, chunk: &[u8]) {
         self.body_len += chunk.len() as u64;
-        self.hasher.update(chunk);
+        if self.mode == FingerprintMode::Raw {
+            self.hasher.update(chunk);
+        }
     }
 
-    /// Finishes the digest.
-    pub(crate) fn finish(mut self) -> Fingerprint {
-        self.hasher.update(self.body_len.to_be_bytes());
-        Fingerprint::new(FingerprintEncoding::RAW_V2, self.hasher.finalize().into())
+    /// Finishes the digest; `body` is the whole body that [`Self::update`] was fed.
+    pub(crate) fn finish(mut self, body: &[u8]) -> Fingerprint {
+        debug_assert_eq!(self.body_len, body.len() as u64, "the body fed is the body");
+        match self.mode {
+            FingerprintMode::Raw => self.hasher.update(self.body_len.to_be_bytes()),
+            FingerprintMode::Json { ignore } => {
+                let mut canonical = Vec::with_capacity(body.len());
+                let canonicalised = if self.encoded {
+                    Err(None)
+                } else {
+                    json::canonicalise(body, ignore, &mut canonical).map_err(Some)
+                };
+                let (form, content): (&[u8], &[u8]) = match canonicalised {
+                    Ok(()) => (b"c", &canonical),
+                    Err(reason) => {
+                        tracing::debug!(
+                            ?reason,
+                            "the body has no canonical JSON form: fingerprinted by its raw bytes"
+                        );
+                        (b"r", body)
+                    }
+                };
+                self.hasher.update(form);
+                self.hasher.update(content);
+                self.hasher.update((content.len() as u64).to_be_bytes());
+            }
+        }
+        Fingerprint::new(self.mode.encoding(), self.hasher.finalize().into())
     }
 }
 
@@ -296,11 +380,11 @@ mod tests {
     #[test]
     fn chunking_does_not_change_the_digest() {
         let whole = Fingerprint::compute("POST", "/x", "", b"hello world");
-        let mut h = FingerprintHasher::new("POST", "/x", "", &[], &[]);
+        let mut h = FingerprintHasher::new(FingerprintMode::Raw, "POST", "/x", "", &[], &[]);
         h.update(b"hello");
         h.update(b"");
         h.update(b" world");
-        assert_eq!(whole, h.finish());
+        assert_eq!(whole, h.finish(b"hello world"));
     }
 
     fn hex(fp: Fingerprint) -> String {
@@ -310,7 +394,7 @@ mod tests {
     fn head(content_type: &[&str], content_encoding: &[&str]) -> Fingerprint {
         let ct: Vec<&[u8]> = content_type.iter().map(|v| v.as_bytes()).collect();
         let ce: Vec<&[u8]> = content_encoding.iter().map(|v| v.as_bytes()).collect();
-        FingerprintHasher::new("POST", "/p", "", &ct, &ce).finish()
+        FingerprintHasher::new(FingerprintMode::Raw, "POST", "/p", "", &ct, &ce).finish(b"")
     }
 
     #[test]
@@ -397,14 +481,125 @@ mod tests {
                 "9daec87dc07a30c1af8253c66f7ba4f2e4be736116f0c14cdc51564e82901ebe",
             ),
         ] {
-            let mut hasher =
-                FingerprintHasher::new(method, path, query, content_type, content_encoding);
+            let mut hasher = FingerprintHasher::new(
+                FingerprintMode::Raw,
+                method,
+                path,
+                query,
+                content_type,
+                content_encoding,
+            );
             hasher.update(body);
-            assert_eq!(hex(hasher.finish()), digest);
+            assert_eq!(hex(hasher.finish(body)), digest);
         }
         assert_eq!(
             hex(Fingerprint::compute("POST", "/p", "", b"")),
             "2dc3f124ee7fea550b597fb7913587ea9f0c0ad22ee833c419d9023c16ad52d4"
+        );
+    }
+
+    const JSON: FingerprintMode = FingerprintMode::Json { ignore: &[] };
+
+    fn body(mode: FingerprintMode, content_encoding: &[&str], body: &str) -> Fingerprint {
+        let ce: Vec<&[u8]> = content_encoding.iter().map(|v| v.as_bytes()).collect();
+        let json: &[&[u8]] = &[b"application/json"];
+        let mut hasher = FingerprintHasher::new(mode, "POST", "/payments", "", json, &ce);
+        hasher.update(body.as_bytes());
+        hasher.finish(body.as_bytes())
+    }
+
+    #[test]
+    fn the_json_fingerprint_compares_what_the_body_means() {
+        let first = body(JSON, &[], r#"{"amount":100,"currency":"EUR"}"#);
+        for same in [
+            r#"{ "currency" : "EUR", "amount" : 100 }"#,
+            "{\n  \"amount\": 100,\n  \"currency\": \"\\u0045UR\"\n}\n",
+        ] {
+            assert_eq!(body(JSON, &[], same), first, "{same}");
+            assert_ne!(
+                body(FingerprintMode::Raw, &[], same),
+                body(
+                    FingerprintMode::Raw,
+                    &[],
+                    r#"{"amount":100,"currency":"EUR"}"#
+                )
+            );
+        }
+        for other in [
+            r#"{"amount":101,"currency":"EUR"}"#,
+            r#"{"amount":100.0,"currency":"EUR"}"#,
+            r#"{"amount":100,"currency":"EUR","x":null}"#,
+            r#"[{"amount":100,"currency":"EUR"}]"#,
+        ] {
+            assert_ne!(body(JSON, &[], other), first, "{other}");
+        }
+        // Left out: present, absent or changed, the rest decides.
+        const TS: FingerprintMode = FingerprintMode::Json {
+            ignore: &[&["client_ts"]],
+        };
+        assert_eq!(
+            body(TS, &[], r#"{"amount":100,"client_ts":1}"#),
+            body(TS, &[], r#"{"client_ts":2,"amount":100}"#)
+        );
+        assert_eq!(
+            body(TS, &[], r#"{"amount":100,"client_ts":1}"#),
+            body(TS, &[], r#"{"amount":100}"#)
+        );
+        assert_ne!(
+            body(TS, &[], r#"{"amount":100,"client_ts":1}"#),
+            body(TS, &[], r#"{"amount":200,"client_ts":1}"#)
+        );
+    }
+
+    #[test]
+    fn the_json_encoding_never_meets_the_raw_one() {
+        // The canonical bytes under the raw encoding are another digest: the domains differ.
+        let canonical = r#"{"amount":100}"#;
+        assert_ne!(
+            body(JSON, &[], canonical),
+            body(FingerprintMode::Raw, &[], canonical)
+        );
+        assert_ne!(DOMAIN, JSON_DOMAIN);
+        assert!(!JSON_DOMAIN.starts_with(DOMAIN) && !DOMAIN.starts_with(JSON_DOMAIN));
+        assert_eq!(FingerprintMode::Raw.encoding(), FingerprintEncoding::RAW_V2);
+        assert_eq!(JSON.encoding(), FingerprintEncoding::JSON_V1);
+    }
+
+    #[test]
+    fn a_body_with_no_canonical_form_is_compared_by_its_bytes() {
+        for bytes in ["", "not json", r#"{"amount":1,"amount":2}"#, "{\"a\":1"] {
+            assert_eq!(body(JSON, &[], bytes), body(JSON, &[], bytes), "{bytes}");
+        }
+        // Ambiguous: it meets only its own bytes, never a reading of it.
+        let duplicate = body(JSON, &[], r#"{"amount":1,"amount":2}"#);
+        assert_ne!(duplicate, body(JSON, &[], r#"{"amount":2}"#));
+        assert_ne!(duplicate, body(JSON, &[], r#"{"amount":1}"#));
+        assert_ne!(duplicate, body(JSON, &[], r#"{ "amount":1,"amount":2}"#));
+        // Invalid bytes never meet a canonical form that happens to be the same bytes.
+        assert_ne!(body(JSON, &[], "[1,]"), body(JSON, &[], "[1]"));
+        // With a Content-Encoding the bytes are not the JSON text: compared as sent.
+        assert_ne!(
+            body(JSON, &["gzip"], r#"{"a":1}"#),
+            body(JSON, &["gzip"], r#"{ "a":1}"#)
+        );
+        assert_eq!(
+            body(JSON, &["gzip"], r#"{"a":1}"#),
+            body(JSON, &["gzip"], r#"{"a":1}"#)
+        );
+    }
+
+    #[test]
+    fn json_vectors_are_pinned() {
+        // Computed independently (Python's hashlib): SHA-256 of "idem/fingerprint/json/v1\0",
+        // the head as in the raw encoding, then `c` and the canonical form (or `r` and the raw
+        // bytes) and its big-endian u64 length.
+        assert_eq!(
+            hex(body(JSON, &[], r#"{ "currency": "EUR", "amount": 100 }"#)),
+            "2a9a41a80e15632516d2627d09f3d449d6a453b5b9c35535b2e21234e7c2803a"
+        );
+        assert_eq!(
+            hex(body(JSON, &[], r#"{"amount":1,"amount":2}"#)),
+            "f1790329a87d4c15b6b61dea8e1634f19bd4ab450da6e550f673e69523e87ed7"
         );
     }
 

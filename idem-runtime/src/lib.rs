@@ -102,6 +102,7 @@ pub mod __private {
     pub use actix_web;
     pub use core::time::Duration;
 
+    pub use crate::fingerprint::FingerprintMode;
     pub use crate::http::{extractor_error, handle, respond, AppScope, HandlerSpec, KeyHeader};
     pub use crate::lifecycle::HandlerTiming;
     pub use crate::policy::ServerErrors;

@@ -3,7 +3,8 @@
 //!
 //! With the feature on, `#[idempotent(...)]` written **above** `#[utoipa::path(...)]` adds to that
 //! attribute a vendor extension, `x-idempotency`, holding what the attribute says (the key header,
-//! whether it is required, `ttl`, `lease`, `wait`). [`IdempotencyDocs`], a [`Modify`] added to the
+//! whether it is required, `ttl`, `lease`, `wait`, and how the body is compared: `"fingerprint":
+//! {"mode": "raw" | "json", "ignore": [JSON pointers]}`). [`IdempotencyDocs`], a [`Modify`] added to the
 //! document with `#[openapi(modifiers(&IdempotencyDocs))]`, turns it into the operation's
 //! parameters, responses and description:
 //!
@@ -95,6 +96,9 @@ struct Marked {
     ttl: Duration,
     lease: Duration,
     wait: Option<Duration>,
+    /// `Some(ignored pointers)` for the JSON fingerprint; `None` for raw bytes (also what a mark
+    /// written before the JSON fingerprint existed means).
+    json: Option<Vec<String>>,
 }
 
 impl Marked {
@@ -111,6 +115,20 @@ impl Marked {
             ttl: millis("ttl_ms").unwrap_or(Idempotency::DEFAULT_TTL),
             lease: millis("lease_ms").unwrap_or(Idempotency::DEFAULT_LEASE),
             wait: millis("wait_ms"),
+            json: value
+                .get("fingerprint")
+                .filter(|f| f.get("mode").and_then(Value::as_str) == Some("json"))
+                .map(|f| {
+                    f.get("ignore")
+                        .and_then(Value::as_array)
+                        .map(|pointers| {
+                            pointers
+                                .iter()
+                                .filter_map(|p| p.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                }),
         })
     }
 
@@ -121,6 +139,10 @@ impl Marked {
             "required": self.required,
             "ttl_ms": ms(self.ttl),
             "lease_ms": ms(self.lease),
+            "fingerprint": match &self.json {
+                Some(ignore) => json!({"mode": "json", "ignore": ignore}),
+                None => json!({"mode": "raw", "ignore": []}),
+            },
         });
         if let (Some(wait), Some(map)) = (self.wait, value.as_object_mut()) {
             map.insert("wait_ms".to_owned(), json!(ms(wait)));
@@ -197,7 +219,12 @@ fn document(operation: &mut Operation) -> bool {
             "422",
             format!(
                 "This `{header}` was already used for a different request (method, path, query \
-                 or body): use a new key."
+                 or {}): use a new key.",
+                if marked.json.is_some() {
+                    "the body's JSON content"
+                } else {
+                    "body"
+                }
             ),
             false,
         ),
@@ -228,6 +255,17 @@ fn document(operation: &mut Operation) -> bool {
              answering 409.",
             human(wait)
         ));
+    }
+    if let Some(ignore) = &marked.json {
+        text.push_str(
+            " Requests are compared by the body's JSON content: the order of members, whitespace \
+             and how strings are escaped do not count",
+        );
+        if !ignore.is_empty() {
+            let listed: Vec<String> = ignore.iter().map(|p| format!("`{p}`")).collect();
+            text.push_str(&format!(", nor the values at {}", listed.join(", ")));
+        }
+        text.push('.');
     }
     text.push_str(if marked.required {
         " The key is required."
@@ -416,7 +454,8 @@ mod tests {
         assert_eq!(op["parameters"][0]["schema"]["maxLength"], 255);
         assert_eq!(
             op[EXTENSION],
-            json!({"header": "X-Key", "required": false, "ttl_ms": 5_400_000, "lease_ms": 30_000})
+            json!({"header": "X-Key", "required": false, "ttl_ms": 5_400_000, "lease_ms": 30_000,
+                "fingerprint": {"mode": "raw", "ignore": []}})
         );
         for status in ["400", "409", "413", "422", "503"] {
             assert_eq!(
@@ -430,6 +469,27 @@ mod tests {
         assert!(text.contains("kept for 1 h 30 min"), "{text}");
         assert!(text.contains("its key for 30 s"), "{text}");
         assert!(v["components"]["schemas"][PROBLEM_SCHEMA].is_object());
+    }
+
+    #[test]
+    fn the_json_fingerprint_is_documented() {
+        let mut openapi = doc(Some(json!({"header": "Idempotency-Key", "required": true,
+            "fingerprint": {"mode": "json", "ignore": ["/client_ts", "/trace/id"]}})));
+        IdempotencyDocs.modify(&mut openapi);
+        let v: Value = serde_json::from_str(&openapi.to_json().expect("json")).expect("json");
+        let op = &v["paths"]["/pay"]["post"];
+        assert_eq!(
+            op[EXTENSION]["fingerprint"],
+            json!({"mode": "json", "ignore": ["/client_ts", "/trace/id"]})
+        );
+        let text = op["description"].as_str().expect("description");
+        assert!(
+            text.contains("compared by the body's JSON content")
+                && text.contains("nor the values at `/client_ts`, `/trace/id`."),
+            "{text}"
+        );
+        let mismatch = op["responses"]["422"]["description"].as_str().expect("422");
+        assert!(mismatch.contains("the body's JSON content"), "{mismatch}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use actix_web::{dev::Payload, http::header::HeaderName, FromRequest, HttpRequest
 
 use crate::{
     config::Idempotency,
+    fingerprint::FingerprintMode,
     lifecycle::HandlerTiming,
     policy::ServerErrors,
     problem::Problem,
@@ -56,6 +57,8 @@ pub struct HandlerSpec {
     pub server_errors: ServerErrors,
     /// The request body limit.
     pub max_body: Option<usize>,
+    /// How the request body enters the fingerprint.
+    pub fingerprint: FingerprintMode,
     /// How long the handler typically runs here: the hint of a 409's `Retry-After`.
     pub timing: HandlerTiming,
 }

@@ -18,7 +18,7 @@ use tracing::{field, Instrument as _, Span};
 use crate::{
     config::Idempotency,
     encoding::FingerprintEncoding,
-    fingerprint::{Fingerprint, FingerprintHasher},
+    fingerprint::{Fingerprint, FingerprintHasher, FingerprintMode},
     key::IdempotencyKey,
     lifecycle::{self, Outcome, Owned, Policy, Settlement},
     observe,
@@ -161,7 +161,7 @@ where
         record(spec.handler, Outcome::BodyTooLarge);
         return Problem::BodyTooLarge { limit: max_body }.to_response();
     }
-    let mut hasher = fingerprint_head(&req);
+    let mut hasher = fingerprint_head(&req, spec.fingerprint);
     let body = match read_request(&mut payload, max_body, &mut hasher).await {
         Ok(body) => body,
         Err(problem) => {
@@ -176,7 +176,7 @@ where
             return problem.to_response();
         }
     };
-    let ticket = Ticket::new(address, hasher.finish());
+    let ticket = Ticket::new(address, hasher.finish(&body));
 
     // 4. Claim, compared in the record's fingerprint encoding.
     let claimed = lifecycle::claim_in_record_encoding(
@@ -184,7 +184,7 @@ where
         ticket,
         &policy,
         &settings.waiters,
-        |encoding| fingerprint_in(encoding, &req, &body),
+        |encoding| fingerprint_in(encoding, spec.fingerprint, &req, &body),
     )
     .await;
     let ticket = match claimed {
@@ -290,7 +290,7 @@ where
 /// handler with the same path parameters, are the same request. actix-web decodes lossily: when
 /// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
 /// different raw paths never meet in one replacement character.
-fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
+fn fingerprint_head(req: &HttpRequest, mode: FingerprintMode) -> FingerprintHasher {
     let routed = req.match_info().as_str();
     let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
         req.path()
@@ -307,6 +307,7 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
         }
     };
     FingerprintHasher::new(
+        mode,
         req.method().as_str(),
         path,
         req.query_string(),
@@ -316,22 +317,27 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
 }
 
 /// The request's fingerprint in `encoding`, for a record written in another encoding than the
-/// handler's (see [`lifecycle::claim_in_record_encoding`]); `None` for an encoding this release
-/// does not compute. The one place that maps each [`FingerprintEncoding`] id to its computation.
+/// handler's `mode` (see [`lifecycle::claim_in_record_encoding`]); `None` for an encoding this
+/// release does not compute. The one place that maps each [`FingerprintEncoding`] id to its
+/// computation. A JSON record met by a handler that is not (or no longer) JSON is compared with
+/// no ignored member: the ignore list is the handler's, not the record's.
 fn fingerprint_in(
     encoding: FingerprintEncoding,
+    mode: FingerprintMode,
     req: &HttpRequest,
     body: &Bytes,
 ) -> Option<Fingerprint> {
-    match encoding {
-        FingerprintEncoding::RAW_V2 => {
-            let mut hasher = fingerprint_head(req);
-            hasher.update(body);
-            Some(hasher.finish())
+    let mode = match (encoding, mode) {
+        (FingerprintEncoding::RAW_V2, _) => FingerprintMode::Raw,
+        (FingerprintEncoding::JSON_V1, json @ FingerprintMode::Json { .. }) => json,
+        (FingerprintEncoding::JSON_V1, FingerprintMode::Raw) => {
+            FingerprintMode::Json { ignore: &[] }
         }
-        // The JSON encoding joins here, computed with the handler's JSON options.
-        _ => None,
-    }
+        _ => return None,
+    };
+    let mut hasher = fingerprint_head(req, mode);
+    hasher.update(body);
+    Some(hasher.finish(body))
 }
 
 /// The lines of one request header.

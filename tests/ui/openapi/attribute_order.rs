@@ -7,7 +7,14 @@ use actix_web::{post, HttpResponse};
 use idem::{idempotent, openapi::IdempotencyDocs};
 use utoipa::OpenApi;
 
-#[idempotent(scope = idem::Unscoped, header = "X-Request-Key", lease = "10s", wait = "2s")]
+#[idempotent(
+    scope = idem::Unscoped,
+    header = "X-Request-Key",
+    lease = "10s",
+    wait = "2s",
+    fingerprint = "json",
+    ignore = ["/client_ts"]
+)]
 #[utoipa::path(
     post,
     path = "/above",
@@ -39,6 +46,10 @@ fn main() {
     assert_eq!(documented["x-idempotency"]["required"], false);
     assert_eq!(documented["x-idempotency"]["lease_ms"], 10_000);
     assert_eq!(documented["x-idempotency"]["wait_ms"], 2_000);
+    assert_eq!(
+        documented["x-idempotency"]["fingerprint"],
+        serde_json::json!({"mode": "json", "ignore": ["/client_ts"]})
+    );
     assert_eq!(documented["parameters"][0]["name"], "X-Request-Key");
     assert_eq!(documented["parameters"][0]["required"], false);
     assert!(documented["responses"]["409"].is_object());

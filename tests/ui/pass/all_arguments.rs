@@ -46,6 +46,8 @@ impl IdempotencyScope for auth::User {
     fail_open,
     store_server_errors,
     max_body = "64KiB",
+    fingerprint = "json",
+    ignore = ["/client_ts", "/trace/id"],
 )]
 async fn transfer(user: auth::User, body: web::Bytes) -> HttpResponse {
     if body.is_empty() {

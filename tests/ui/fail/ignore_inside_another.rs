@@ -1,0 +1,9 @@
+use actix_web::HttpResponse;
+use idem::idempotent;
+
+#[idempotent(fingerprint = "json", ignore = ["/trace/id", "/trace"])]
+async fn handler() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use actix_web::HttpResponse;
+use idem::idempotent;
+
+#[idempotent(fingerprint = "raw", ignore = ["/client_ts"])]
+async fn handler() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+fn main() {}
