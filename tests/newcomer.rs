@@ -1,5 +1,5 @@
 //! The paths a newcomer takes, on a real `HttpServer` and real connections: a response naming
-//! hop-by-hop headers in `Connection`.
+//! hop-by-hop headers in `Connection`, paths that differ only in their percent-encoding.
 
 mod common;
 
@@ -104,4 +104,108 @@ async fn headers_named_in_connection_are_not_replayed() {
         describe(&again)
     );
     assert_eq!(executions.get(), 1);
+}
+
+/// Any payment path: `/acct/{id}/pay`, and `/files/{tail}` whose tail may hold `/`.
+async fn paid(executions: web::Data<Executions>, _body: web::Bytes) -> HttpResponse {
+    let n = executions.0.fetch_add(1, Ordering::SeqCst) + 1;
+    HttpResponse::Created().body(format!("execution {n}"))
+}
+
+#[idempotent(require_key)]
+async fn acct(executions: web::Data<Executions>, body: web::Bytes) -> HttpResponse {
+    paid(executions, body).await
+}
+
+#[idempotent(require_key)]
+async fn files(executions: web::Data<Executions>, body: web::Bytes) -> HttpResponse {
+    paid(executions, body).await
+}
+
+/// Paths that are the same request meet, whatever the case of their percent-encoding's hex
+/// digits (RFC 3986, 2.1) or an escape of a character that needs none (`%78` is `x`), also where
+/// the decoded path is not UTF-8 (`%FF`); paths that differ do not (`%2F` is not `/`, and a stray
+/// `%` is not an escape).
+#[actix_rt::test]
+async fn equivalent_paths_meet_and_different_ones_do_not() {
+    let executions = web::Data::new(Executions::default());
+    let data = executions.clone();
+    let server = TestServer::start(
+        Idempotency::new(MemoryStore::new()).scope_resolver(client),
+        move |cfg| {
+            cfg.app_data(data.clone())
+                .route("/acct/{id}/pay", web::post().to(acct))
+                .route("/files/{tail:.*}", web::post().to(files));
+        },
+    );
+    let addr = server.addr;
+    // (key, the first path, paths that are the same request, paths that are another).
+    let cases: [(&str, &str, &[&str], &[&str]); 5] = [
+        (
+            "encoded-slash",
+            "/acct/a%2Fb/pay",
+            &["/acct/a%2fb/pay", "/acct/%61%2fb/pay"],
+            &["/acct/a%2Bb/pay"],
+        ),
+        (
+            "not-utf8",
+            "/acct/%FF%78/pay",
+            &["/acct/%FFx/pay", "/acct/%ff%78/pay", "/acct/%fFx/pay"],
+            &["/acct/%FFy/pay", "/acct/%FE%78/pay"],
+        ),
+        (
+            "tail",
+            "/files/a%2Fb",
+            &["/files/a%2fb", "/files/%61%2Fb"],
+            &["/files/a/b"],
+        ),
+        (
+            "not-utf8-tail",
+            "/files/%FF%2Fb",
+            &["/files/%ff%2fb", "/files/%FF%2F%62"],
+            &["/files/%FF/b"],
+        ),
+        (
+            "stray-percent",
+            "/acct/%FF/pay",
+            &["/acct/%ff/pay"],
+            &["/acct/%%46F/pay"],
+        ),
+    ];
+    let mut misses = Vec::new();
+    for (key, first, same, other) in cases {
+        let (first, same, other) = (first.to_owned(), same.to_vec(), other.to_vec());
+        let (f, answers) = tokio::task::spawn_blocking(move || {
+            let f = post(addr, &first, "paths", key);
+            let mut answers = Vec::new();
+            for path in same {
+                answers.push((path, true, post(addr, path, "paths", key)));
+            }
+            for path in other {
+                answers.push((path, false, post(addr, path, "paths", key)));
+            }
+            (f, answers)
+        })
+        .await
+        .expect("client thread");
+        assert_eq!(f.status, 201, "{key}: {}", describe(&f));
+        for (path, equivalent, answer) in answers {
+            let met = replayed(&answer) && answer.body == f.body;
+            let refused = answer.status == 422;
+            if (equivalent && !met) || (!equivalent && !refused) {
+                misses.push(format!(
+                    "{key}: {path} ({}): {}",
+                    if equivalent {
+                        "same request"
+                    } else {
+                        "another request"
+                    },
+                    describe(&answer)
+                ));
+            }
+        }
+    }
+    println!("paths answered wrongly: {}", misses.len());
+    assert!(misses.is_empty(), "{misses:#?}");
+    assert_eq!(executions.get(), 5);
 }

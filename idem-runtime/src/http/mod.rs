@@ -244,16 +244,11 @@ where
 
 /// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the
 /// path as the router matched it, so that `/pay%6Dents` and `/payments`, which reach the same
-/// handler with the same path parameters, are the same request. actix-web decodes lossily: when
-/// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
-/// different raw paths never meet in one replacement character.
+/// handler with the same path parameters, are the same request, in the form of
+/// [`normal_path`](crate::fingerprint::normal_path) (hex digits upper-cased; built from the raw
+/// path where the router's decoding is lossy).
 fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
-    let routed = req.match_info().as_str();
-    let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
-        req.path()
-    } else {
-        routed
-    };
+    let path = crate::fingerprint::normal_path(req.match_info().as_str(), req.path());
     // A header's lines, without a `Vec` for the usual zero or one line.
     let lines = |name| {
         let mut all = req.headers().get_all(name).map(HeaderValue::as_bytes);
@@ -265,7 +260,7 @@ fn fingerprint_head(req: &HttpRequest) -> FingerprintHasher {
     };
     FingerprintHasher::new(
         req.method().as_str(),
-        path,
+        &path,
         req.query_string(),
         lines(header::CONTENT_TYPE).as_slice(),
         lines(header::CONTENT_ENCODING).as_slice(),
