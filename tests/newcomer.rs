@@ -1,11 +1,19 @@
-//! The paths a newcomer takes, on a real `HttpServer` and real connections: a response naming
-//! hop-by-hop headers in `Connection`, paths that differ only in their percent-encoding.
+//! The paths a newcomer takes, on a real `HttpServer` with several workers and real connections:
+//! the in-memory store written inside the app factory as the README once wrote it, paths that
+//! differ only in their percent-encoding, and a response naming hop-by-hop headers in
+//! `Connection`.
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError,
+    },
+};
 
-use actix_web::{http::header, post, web, HttpResponse};
+use actix_web::{http::header, post, web, App, HttpResponse, HttpServer};
 use common::{raw_request, RawResponse, TestServer};
 use idem::{idempotent, Idempotency, MemoryStore, ScopeId};
 
@@ -19,13 +27,45 @@ impl Executions {
     }
 }
 
-/// The caller, from `X-Client`: the scope every app here resolves.
+/// (client, worker thread) of every request whose scope was resolved.
+static RESOLVED: Mutex<Vec<(String, std::thread::ThreadId)>> = Mutex::new(Vec::new());
+
+/// The caller, from `X-Client`: the scope every app here resolves. Notes which worker (thread)
+/// resolved it.
 fn client(req: &actix_web::HttpRequest) -> Result<ScopeId, actix_web::Error> {
-    req.headers()
+    let client = req
+        .headers()
         .get("x-client")
         .and_then(|v| v.to_str().ok())
-        .map(ScopeId::new)
-        .ok_or_else(|| actix_web::error::ErrorUnauthorized("send X-Client"))
+        .ok_or_else(|| actix_web::error::ErrorUnauthorized("send X-Client"))?;
+    RESOLVED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((client.to_owned(), std::thread::current().id()));
+    Ok(ScopeId::new(client))
+}
+
+/// How many workers served `client`'s requests.
+fn workers_that_served(client: &str) -> usize {
+    let resolved = RESOLVED.lock().unwrap_or_else(PoisonError::into_inner);
+    let threads: HashSet<_> = resolved
+        .iter()
+        .filter(|(c, _)| c == client)
+        .map(|(_, thread)| *thread)
+        .collect();
+    threads.len()
+}
+
+/// A payment: counted, answered with an id of its own, so that a replay is told from a second
+/// execution by its body.
+#[post("/payments")]
+#[idempotent(require_key)]
+async fn pay(executions: web::Data<Executions>, _body: web::Bytes) -> HttpResponse {
+    let n = executions.0.fetch_add(1, Ordering::SeqCst) + 1;
+    HttpResponse::Created().body(format!(
+        "{{\"payment\":\"pay_{:016x}\",\"execution\":{n}}}",
+        rand::random::<u64>()
+    ))
 }
 
 /// One request on a fresh connection (so that the server hands it to its next worker).
@@ -51,6 +91,125 @@ fn describe(r: &RawResponse) -> String {
         r.headers,
         String::from_utf8_lossy(&r.body)
     )
+}
+
+/// Runs `$server` (an `HttpServer` built as an app writes it) on `$listener` in the background;
+/// evaluates to the handle that stops it.
+macro_rules! run {
+    ($server:expr, $listener:expr $(,)?) => {{
+        let server = $server
+            .disable_signals()
+            .shutdown_timeout(1)
+            .listen($listener)
+            .expect("listen")
+            .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        handle
+    }};
+}
+
+fn listener() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// Sends one key `n` times, each on a new connection; returns the answers.
+async fn same_key_on_new_connections(
+    addr: std::net::SocketAddr,
+    client: &'static str,
+    n: usize,
+) -> Vec<RawResponse> {
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| post(addr, "/payments", client, "one-key"))
+            .collect()
+    })
+    .await
+    .expect("client thread")
+}
+
+/// The README's snippet, as a newcomer writes it: the store is built inside the factory that
+/// `HttpServer::new` calls once per worker. Eight requests with one key, on new connections that
+/// the server spreads over its four workers, run the payment once.
+#[actix_rt::test]
+async fn the_default_memory_store_built_per_worker_runs_a_key_once() {
+    let executions = web::Data::new(Executions::default());
+    let data = executions.clone();
+    let (listener, addr) = listener();
+    let handle = run!(
+        HttpServer::new(move || {
+            App::new()
+                .app_data(Idempotency::new(MemoryStore::new()).scope_resolver(client))
+                .app_data(data.clone())
+                .service(pay)
+        })
+        .workers(4),
+        listener,
+    );
+    let answers = same_key_on_new_connections(addr, "newcomer-default", 8).await;
+    let executed = executions.get();
+    let workers = workers_that_served("newcomer-default");
+    assert!(workers >= 2, "the requests reached {workers} worker(s)");
+    println!(
+        "MemoryStore::new() per worker, 8 requests with one key over {workers} workers: \
+         {executed} execution(s)"
+    );
+    assert_eq!(
+        executed,
+        1,
+        "{:#?}",
+        answers.iter().map(describe).collect::<Vec<_>>()
+    );
+    let first = &answers[0];
+    assert_eq!(first.status, 201, "{}", describe(first));
+    for again in &answers[1..] {
+        assert!(replayed(again), "{}", describe(again));
+        assert_eq!(again.body, first.body);
+    }
+    handle.stop(false).await;
+}
+
+/// The same with a capacity set inside the factory: one store for the process, whatever the
+/// number of workers.
+#[actix_rt::test]
+async fn a_memory_store_with_a_capacity_built_per_worker_runs_a_key_once() {
+    let executions = web::Data::new(Executions::default());
+    let data = executions.clone();
+    let (listener, addr) = listener();
+    let handle = run!(
+        HttpServer::new(move || {
+            App::new()
+                .app_data(
+                    Idempotency::new(MemoryStore::with_capacity(64 * 1024 * 1024))
+                        .scope_resolver(client),
+                )
+                .app_data(data.clone())
+                .service(pay)
+        })
+        .workers(4),
+        listener,
+    );
+    let answers = same_key_on_new_connections(addr, "newcomer-capacity", 8).await;
+    let executed = executions.get();
+    let workers = workers_that_served("newcomer-capacity");
+    assert!(workers >= 2, "the requests reached {workers} worker(s)");
+    println!(
+        "MemoryStore::with_capacity per worker, 8 requests with one key over {workers} \
+         workers: {executed} execution(s)"
+    );
+    assert_eq!(
+        executed,
+        1,
+        "{:#?}",
+        answers.iter().map(describe).collect::<Vec<_>>()
+    );
+    for again in &answers[1..] {
+        assert!(replayed(again), "{}", describe(again));
+        assert_eq!(again.body, answers[0].body);
+    }
+    handle.stop(false).await;
 }
 
 /// A handler that names two of its response headers hop-by-hop, in two `Connection` lines.

@@ -7,7 +7,8 @@
 //!
 //! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
 //!   registered with `App::app_data`;
-//! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
+//! - the stores: [`MemoryStore`] (one per process: `MemoryStore::new()` built in every worker
+//!   reaches the same records), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
 //!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
