@@ -150,8 +150,9 @@ impl Idempotency {
         self.edit(|s| s.max_response = bytes)
     }
 
-    /// The `Retry-After` sent with a 503 when the store is unavailable (default 1 s; sent in whole
-    /// seconds, rounded up).
+    /// The `Retry-After` sent with a 503 when the store is unavailable, or when the process is
+    /// shutting down ([`shutdown`](crate::shutdown)) (default 1 s; sent in whole seconds, rounded
+    /// up).
     ///
     /// # Panics
     ///

@@ -203,8 +203,8 @@ fn document(operation: &mut Operation) -> bool {
         ),
         (
             "503",
-            "The idempotency store is unavailable; the request did not run. Retry after \
-             `Retry-After` seconds with the same key."
+            "The idempotency store is unavailable, or the server is shutting down; the request \
+             did not run. Retry after `Retry-After` seconds with the same key."
                 .to_owned(),
             true,
         ),

@@ -44,6 +44,12 @@ pub(crate) enum Problem {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the server is shutting down (`idem::shutdown`); the handler did not run, nothing was
+    /// claimed. Sent with `Connection: close`.
+    ShuttingDown {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 413: the request body is larger than the handler's limit; nothing was recorded.
     BodyTooLarge {
         /// The limit in bytes.
@@ -79,6 +85,7 @@ impl Problem {
             Self::KeyReused => "key-reused",
             Self::InFlight { .. } => "in-flight",
             Self::StoreUnavailable { .. } => "store-unavailable",
+            Self::ShuttingDown { .. } => "shutting-down",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
             Self::Misconfigured | Self::MisconfiguredFix { .. } => "misconfigured",
@@ -98,7 +105,9 @@ impl Problem {
             }
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
-            Self::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable { .. } | Self::ShuttingDown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Misconfigured | Self::MisconfiguredFix { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -113,6 +122,7 @@ impl Problem {
             Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight { .. } => "Request with this idempotency key in progress",
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
+            Self::ShuttingDown { .. } => "Server shutting down",
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
             Self::Misconfigured | Self::MisconfiguredFix { .. } => "Idempotency misconfigured",
@@ -130,6 +140,7 @@ impl Problem {
             Self::KeyReused => "This idempotency key was already used with a different request (method, path, query or body). Use a new key for a new request.".to_owned(),
             Self::InFlight { .. } => "A request with this idempotency key is still being processed. Retry after the time in `Retry-After`.".to_owned(),
             Self::StoreUnavailable { .. } => "The request was not processed because its idempotency could not be guaranteed. Retry after the time in `Retry-After`.".to_owned(),
+            Self::ShuttingDown { .. } => "The request was not processed because this server is shutting down. Retry after the time in `Retry-After`, with the same key, on a new connection.".to_owned(),
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
@@ -140,9 +151,9 @@ impl Problem {
     /// The `Retry-After` the problem carries, if any.
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::InFlight { retry_after } | Self::StoreUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            Self::InFlight { retry_after }
+            | Self::StoreUnavailable { retry_after }
+            | Self::ShuttingDown { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -228,6 +239,13 @@ mod tests {
                 },
                 503,
                 "store-unavailable",
+            ),
+            (
+                Problem::ShuttingDown {
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "shutting-down",
             ),
             (Problem::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
         ];

@@ -123,6 +123,9 @@ where
             .to_response();
         }
         Ok(None) => {
+            let Some(_running) = crate::shutdown::Running::admit() else {
+                return shutting_down(spec.handler, &settings);
+            };
             record(spec.handler, Outcome::NoKey);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
@@ -135,6 +138,12 @@ where
             }
             .to_response();
         }
+    };
+
+    // From here the request may run the handler: counted, so that a graceful shutdown waits for
+    // it, unless the shutdown has begun (then no claim is made).
+    let Some(running) = crate::shutdown::Running::admit() else {
+        return shutting_down(spec.handler, &settings);
     };
 
     // 2. Scope.
@@ -216,8 +225,7 @@ where
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
-    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
-    let running = crate::shutdown::Running::start();
+    // Still counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     let started = tokio::time::Instant::now();
     let execute = async move {
         let _running = running;
@@ -240,6 +248,20 @@ where
             HttpResponse::InternalServerError().finish()
         }
     }
+}
+
+/// The answer to a request that arrives once `idem::shutdown` has begun, on a connection that
+/// was already open: 503 before any claim, and the connection closed, so that the retry opens
+/// one to another instance.
+fn shutting_down(handler: &'static str, settings: &crate::config::Settings) -> HttpResponse {
+    record(handler, Outcome::ShuttingDown);
+    let mut resp = Problem::ShuttingDown {
+        retry_after: settings.unavailable_retry_after,
+    }
+    .to_response();
+    resp.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
+    resp
 }
 
 /// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the

@@ -41,6 +41,8 @@ pub(crate) enum Outcome {
     BadBody,
     /// The store failed; the handler did not run: 503.
     StoreError,
+    /// The process is shutting down (`idem::shutdown`); the handler did not run: 503.
+    ShuttingDown,
     /// The store failed; the handler ran without idempotency (`fail_open`).
     StoreErrorFailOpen,
     /// The app is misconfigured (no store, no scope, invalid settings): 500.
@@ -65,6 +67,7 @@ impl Outcome {
             Self::BodyTooLarge => "body_too_large",
             Self::BadBody => "bad_body",
             Self::StoreError => "store_error",
+            Self::ShuttingDown => "shutting_down",
             Self::StoreErrorFailOpen => "store_error_fail_open",
             Self::Misconfigured => "misconfigured",
         }
