@@ -74,6 +74,55 @@ impl Outcome {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    /// Every outcome; `as_str` matches them all, so a new one fails to compile there first.
+    const ALL: [Outcome; 17] = [
+        Outcome::Executed,
+        Outcome::ExecutedReleased,
+        Outcome::Panicked,
+        Outcome::RolledBack,
+        Outcome::Replayed,
+        Outcome::Mismatch,
+        Outcome::InFlight,
+        Outcome::MissingKey,
+        Outcome::NoKey,
+        Outcome::InvalidKey,
+        Outcome::ScopeRefused,
+        Outcome::BodyTooLarge,
+        Outcome::BadBody,
+        Outcome::StoreError,
+        Outcome::ShuttingDown,
+        Outcome::StoreErrorFailOpen,
+        Outcome::Misconfigured,
+    ];
+
+    /// The README's metrics table lists every value of the `outcome` label, and nothing else.
+    #[test]
+    fn the_readme_names_every_outcome() {
+        let readme = include_str!("../../../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `idem_requests_total` |"))
+            .expect("the README's metrics table has a row for idem_requests_total");
+        let what = row.split(" | ").nth(3).expect("the row's last column");
+        let listed: Vec<&str> = what
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let mut known: Vec<&str> = ALL.iter().map(|o| o.as_str()).collect();
+        let mut documented = listed.clone();
+        known.sort_unstable();
+        documented.sort_unstable();
+        documented.dedup();
+        assert_eq!(documented, known, "the README lists {listed:?}");
+    }
+}
+
 /// The `Retry-After` of a 409: how long this handler typically runs (as this process observed
 /// it), at least 1 s, and never past the in-flight lease's remaining time (after which a retry
 /// may run the handler itself). Without an observation, 1 s. The lease's remaining time alone
