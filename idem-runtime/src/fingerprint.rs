@@ -252,7 +252,10 @@ const KEPT_ESCAPED: &[u8] = b"%/+";
 ///
 /// A path already in its form (no lower-case hex digit, no needless escape: every path a client
 /// library sends) is hashed as it is, with no copy, so its digest is the one earlier versions
-/// computed.
+/// computed and a record stored before meets its retries. Only a request stored before with a
+/// path outside this form (`%2f`; `%78` beside `%FF`; a stray `%` beside a needless escape)
+/// answers 422 to its retries after an upgrade, until its ttl ends: it had been told apart from
+/// its equivalents, and now meets them.
 pub(crate) fn normal_path<'a>(routed: &'a str, raw: &'a str) -> Cow<'a, str> {
     if has_stray_percent(raw.as_bytes()) {
         upper_case_escapes(raw)

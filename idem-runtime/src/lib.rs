@@ -14,7 +14,8 @@
 //!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
 //!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
-//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
+//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left,
+//!   and starts no new one (503 on connections still open);
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
 //!   [`StoredResponse`];
@@ -38,7 +39,7 @@
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
-//! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
+//! | `shutdown` | [`shutdown`], the count of running handlers it waits for, and the admission that refuses new ones once it began |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
 //! # Supported Rust versions

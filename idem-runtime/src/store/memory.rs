@@ -58,7 +58,9 @@ const SLOT: usize = size_of::<(RecordKey, Entry)>() + 1;
 /// Were each worker's store its own, a retry that reaches another worker (every new connection
 /// may) would find no record and run the handler again. A store of its own, which shares nothing
 /// with the others, is [`isolated`](Self::isolated): for tests that want a fresh store each, or a
-/// store built once and cloned into the factory. Clones of a handle share its records.
+/// store built once and cloned into the factory. Clones of a handle share its records. The
+/// process's store lives as long as the process; an isolated one, until its last handle is
+/// dropped.
 ///
 /// **Capacity.** The store counts what each record costs (its map slot with key, fingerprint and
 /// owner token, and for a completed record the response's body and headers) against the
