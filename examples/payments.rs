@@ -674,6 +674,8 @@ async fn main() -> std::io::Result<()> {
     let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
     let database = web::Data::new(database);
     tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
+    // Built once above and cloned into the factory, which runs once per worker: every worker
+    // reaches the same records (a retry may reach any worker) through one store and one pool.
     let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(idempotency.clone())
