@@ -527,7 +527,6 @@ mod keep_alive_deploys {
     use std::{
         io::{Read as _, Write as _},
         net::TcpStream,
-        sync::Barrier,
     };
 
     use super::*;
@@ -535,6 +534,9 @@ mod keep_alive_deploys {
 
     /// How long each payment's handler runs.
     const HANDLER: Duration = Duration::from_millis(1500);
+    /// How often each client sends: the handler's time and some slack, so that every send is on
+    /// a schedule (no drift from one round to the next), and the SIGTERM falls between sends.
+    const PERIOD: Duration = Duration::from_millis(1750);
     /// Keep-alive clients, each sending one payment after another on its own connection.
     const CLIENTS: usize = 4;
 
@@ -585,24 +587,18 @@ mod keep_alive_deploys {
         Ok(parse_response(&buf[..head_end + length]))
     }
 
-    /// Sends payments one after another on one connection, from `offset` after the start, until
-    /// an answer is not a 201, the connection is closed, or `until` passes.
-    fn client(
-        addr: SocketAddr,
-        id: usize,
-        start: &Barrier,
-        offset: Duration,
-        until: Instant,
-    ) -> Vec<Sent> {
+    /// Sends payments one after another on one connection, the n-th at `first + n * PERIOD`
+    /// (or as soon as the previous answer is in), until an answer is not a 201, the connection is
+    /// closed, or `until` passes.
+    fn client(addr: SocketAddr, id: usize, first: Instant, until: Instant) -> Vec<Sent> {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
-        start.wait();
-        std::thread::sleep(offset);
         let mut sent = Vec::new();
         for n in 0.. {
             let key = format!("keep-alive-{id}-{n}");
+            std::thread::sleep((first + PERIOD * n).saturating_duration_since(Instant::now()));
             let at = Instant::now();
             let answer = stream
                 .write_all(&keep_alive_payment(&key))
@@ -638,21 +634,23 @@ mod keep_alive_deploys {
                 ("PAYMENTS_DELAY_MS", HANDLER.as_millis().to_string()),
             ],
         );
-        let start = Arc::new(Barrier::new(CLIENTS + 1));
-        let until = Instant::now() + Duration::from_secs(60);
+        let start = Instant::now() + Duration::from_millis(200);
+        let until = start + Duration::from_secs(60);
         let clients: Vec<_> = (0..CLIENTS)
             .map(|id| {
-                let start = Arc::clone(&start);
                 let addr = a.addr;
                 // Out of step, so that some handlers still run when others' clients send again.
-                let offset = HANDLER * u32::try_from(id).expect("few clients") / CLIENTS as u32;
-                std::thread::spawn(move || client(addr, id, &start, offset, until))
+                let first =
+                    start + PERIOD * u32::try_from(id).expect("few clients") / CLIENTS as u32;
+                std::thread::spawn(move || client(addr, id, first, until))
             })
             .collect();
-        start.wait();
-        // Client i sends at i * 375 ms + k * 1.5 s: SIGTERM half-way between two sends, so that
-        // the next ones leave 190 ms to 1.3 s after it, while the other clients' handlers run.
-        std::thread::sleep(HANDLER * 2 + HANDLER / (2 * CLIENTS as u32));
+        // Client i sends at i * 437 ms + n * 1.75 s: SIGTERM half-way between two sends (of
+        // clients 0 and 1), so that the next ones leave 219 ms to 1.5 s after it, while other
+        // clients' handlers run.
+        std::thread::sleep(
+            (start + PERIOD * 2 + PERIOD / 8).saturating_duration_since(Instant::now()),
+        );
         let terminated = Instant::now();
         a.terminate();
         let sent: Vec<Sent> = clients
@@ -662,8 +660,11 @@ mod keep_alive_deploys {
         let status = a.wait_exit(Duration::from_secs(40));
         let stopped = terminated.elapsed();
 
-        let (before, after): (Vec<&Sent>, Vec<&Sent>) =
-            sent.iter().partition(|s| s.at < terminated);
+        // A request sent within GRACE after the SIGTERM may meet a process that has not yet
+        // handled the signal: checked below with the others (stored, or never claimed) only.
+        const GRACE: Duration = Duration::from_millis(100);
+        let before: Vec<&Sent> = sent.iter().filter(|s| s.at < terminated).collect();
+        let after: Vec<&Sent> = sent.iter().filter(|s| s.at > terminated + GRACE).collect();
         let created = |s: &Sent| matches!(&s.answer, Ok(r) if r.status == 201);
         let started_after = after.iter().filter(|s| created(s)).count();
         let refused: Vec<&Sent> = after
@@ -714,7 +715,7 @@ mod keep_alive_deploys {
             describe_all(&after)
         );
         assert_eq!(after.len(), CLIENTS, "one refused request per connection");
-        // The first three clients send again while the fourth's handler still runs.
+        // Three clients send again while client 0's handler still runs.
         assert!(refused.len() >= CLIENTS - 1, "{:#?}", describe_all(&after));
         assert!(cut.is_empty(), "cut: {:#?}", describe_all(&cut));
         assert!(before.len() >= 2 * CLIENTS, "{} requests", before.len());
@@ -733,6 +734,7 @@ mod keep_alive_deploys {
                 _ => assert!(!replayed(&retry), "{}", s.key),
             }
         }
-        assert_eq!(b.executions(), after.len() as u64);
+        let unanswered = sent.iter().filter(|s| !created(s)).count();
+        assert_eq!(b.executions(), unanswered as u64);
     }
 }
