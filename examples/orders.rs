@@ -182,6 +182,8 @@ async fn main() -> std::io::Result<()> {
         shutdown_timeout = ?settings.shutdown_timeout,
         "orders example listening"
     );
+    // Built once above and cloned into the factory, which runs once per worker: every worker
+    // reaches the same records (a retry may reach any worker) through one store and one pool.
     let server = HttpServer::new(move || {
         App::new()
             .app_data(idempotency.clone())

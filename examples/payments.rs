@@ -48,7 +48,7 @@ use actix_web::{
 #[cfg(feature = "openapi")]
 use idem::openapi::IdempotencyDocs;
 use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -684,8 +684,20 @@ async fn main() -> std::io::Result<()> {
         None => idempotency,
     };
     // The application, not idem, installs the recorder; this one only renders (no listener).
+    // Buckets make idem's latencies Prometheus histograms, which add up across instances;
+    // without them the exporter renders every histogram as a summary of this process alone.
     let prometheus = PrometheusBuilder::new()
-        .install_recorder()
+        .set_buckets_for_metric(
+            Matcher::Full("idem_store_operation_seconds".to_owned()),
+            STORE_SECONDS_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("idem_wait_seconds".to_owned()),
+                WAIT_SECONDS_BUCKETS,
+            )
+        })
+        .and_then(PrometheusBuilder::install_recorder)
         .map_err(std::io::Error::other)?;
     let upkeep = prometheus.clone();
     actix_web::rt::spawn(async move {
@@ -701,6 +713,8 @@ async fn main() -> std::io::Result<()> {
     let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
     let database = web::Data::new(database);
     tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
+    // Built once above and cloned into the factory, which runs once per worker: every worker
+    // reaches the same records (a retry may reach any worker) through one store and one pool.
     let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(idempotency.clone())
@@ -732,6 +746,15 @@ async fn main() -> std::io::Result<()> {
     });
     server.await
 }
+
+/// The buckets of `idem_store_operation_seconds`: from an in-memory call (microseconds) through
+/// Redis and Postgres round trips to the store timeout (2 s).
+const STORE_SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The buckets of `idem_wait_seconds`: a duplicate waits up to its handler's `wait`.
+const WAIT_SECONDS_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// How long a shutdown waits for running handlers (actix-web's default shutdown timeout).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -9,8 +9,8 @@
 //!
 //! - [`#[idempotent]`](macro@idempotent) on a handler turns it on, with per-handler settings;
 //! - [`Idempotency`], registered with `App::app_data`, holds the store and the app's defaults;
-//! - [`MemoryStore`] keeps records in the process (one instance, tests, the example);
-//!   [`RedisStore`] shares them between instances;
+//! - [`MemoryStore`] keeps records in the process (one instance, tests, the example): one store
+//!   per process, whichever worker builds it; [`RedisStore`] shares them between instances;
 //! - [`IdempotencyScope`] names the caller: records are addressed by (scope, key), so one caller can
 //!   neither read nor block another's.
 //!
@@ -109,6 +109,37 @@
 //!     .app_data(idem)
 //!     .route("/refunds/{id}", web::post().to(refund));
 //! ```
+//!
+//! A server runs the app factory once per worker: build the configuration once and clone it in,
+//! so that every worker reaches the same records (a retry that reaches another worker must find
+//! the first request's record):
+//!
+//! ```no_run
+//! # use actix_web::{web, App, HttpResponse, HttpServer};
+//! # use idem::{idempotent, Idempotency, RedisStore, ScopeId};
+//! # #[idempotent(require_key)]
+//! # async fn refund(id: web::Path<u64>) -> HttpResponse { HttpResponse::Ok().finish() }
+//! # fn tenant(req: &actix_web::HttpRequest) -> actix_web::Result<ScopeId> {
+//! #     Ok(ScopeId::new(req.headers().get("x-tenant").and_then(|v| v.to_str().ok()).unwrap_or("")))
+//! # }
+//! # #[actix_web::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let idem = Idempotency::new(RedisStore::from_url("redis://127.0.0.1:6379")?)
+//!     .scope_resolver(tenant);
+//! HttpServer::new(move || {
+//!     App::new()
+//!         .app_data(idem.clone()) // every worker: one store, one Redis pool
+//!         .route("/refunds/{id}", web::post().to(refund))
+//! })
+//! .bind("127.0.0.1:8080")?
+//! .run()
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! (`MemoryStore::new()` is the process's one memory store wherever it is built, so
+//! `HttpServer::new(|| App::new().app_data(Idempotency::new(MemoryStore::new())))` is safe too;
+//! `MemoryStore::isolated()`, a store of its own for tests, is not.)
 //!
 //! A JSON API can compare what a body says rather than its bytes: with `fingerprint = "json"`, a
 //! retry whose JSON is written another way (member order, whitespace, escapes) replays, and

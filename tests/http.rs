@@ -851,7 +851,7 @@ fn an_over_long_ttl_panics_at_the_setter_naming_the_bound() {
 #[actix_rt::test]
 async fn a_full_memory_store_is_503_for_new_keys_and_keeps_its_records() {
     const TTL: Duration = Duration::from_secs(4);
-    let idem = idem::Idempotency::new(idem::MemoryStore::with_capacity(4096))
+    let idem = idem::Idempotency::new(idem::MemoryStore::isolated_with_capacity(4096))
         .lease(Duration::from_millis(500))
         .ttl(TTL);
     let app = app(Backend { idem, server: None }).await;

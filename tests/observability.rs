@@ -173,6 +173,43 @@ fn metrics_count_each_outcome_once() {
     assert!(!text.contains("alice"), "no scope in a label:\n{text}");
 }
 
+/// The example sets buckets for idem's latencies, so that they are Prometheus histograms (which
+/// add up across instances) rather than the summaries the exporter renders by default: every
+/// claim lands in the `+Inf` bucket, and the buckets are cumulative.
+#[test]
+fn store_latency_is_a_histogram_with_buckets() {
+    let payments = Payments::start(0);
+    for key in ["buckets-1", "buckets-2"] {
+        assert_eq!(payments.pay(key, 1000).status, 201);
+    }
+    assert!(payments
+        .pay("buckets-1", 1000)
+        .header("idempotent-replayed")
+        .is_some());
+    let text = String::from_utf8(payments.get("/metrics").body).expect("UTF-8");
+    let claims = [("op", "claim"), ("store", "memory")];
+    assert!(
+        text.contains("# TYPE idem_store_operation_seconds histogram"),
+        "rendered as:\n{text}"
+    );
+    let count = sample(&text, "idem_store_operation_seconds_count", &claims);
+    assert_eq!(count, Some(3.0), "{text}");
+    let bucket = |le: &str| {
+        let labels = [claims[0], claims[1], ("le", le)];
+        sample(&text, "idem_store_operation_seconds_bucket", &labels)
+    };
+    assert_eq!(bucket("+Inf"), count, "{text}");
+    let (fast, slow) = (bucket("0.001"), bucket("2.5"));
+    assert!(
+        fast.is_some_and(|fast| slow.is_some_and(|slow| fast <= slow && slow <= 3.0)),
+        "{text}"
+    );
+    assert!(
+        !text.contains("idem_store_operation_seconds{"),
+        "no quantile samples:\n{text}"
+    );
+}
+
 /// The document `GET /openapi.json` serves is valid OpenAPI 3.1 (checked by
 /// `openapi-spec-validator`, which `scripts/test.sh` installs), and its idempotency parts are
 /// what `#[idempotent(ttl = "24h", require_key)]` says.

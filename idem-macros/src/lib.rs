@@ -25,7 +25,8 @@ use proc_macro::TokenStream;
 /// `require_key` is set.
 ///
 /// The app must register an `idem::Idempotency` (the store and app-wide defaults) with
-/// `App::app_data`.
+/// `App::app_data`: built once, before `HttpServer::new`, and cloned into its factory, so that
+/// every worker reaches the same records.
 ///
 /// The handler must be an `async fn` whose arguments are extractors and whose return type is a
 /// `Responder`; it stays exactly as written. The attribute works above or below actix-web's route

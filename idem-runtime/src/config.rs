@@ -10,9 +10,15 @@ type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send
 
 /// The idempotency configuration of an app: register it with `App::app_data(idempotency)`.
 ///
+/// Build it once, before `HttpServer::new`, and clone it into the factory: the factory runs once
+/// per worker, and every worker must reach the same records (a retry that reaches another worker
+/// would otherwise run the handler again). Clones share the store.
+///
 /// ```
+/// use actix_web::{App, HttpServer};
 /// use idem_runtime::{Idempotency, MemoryStore, ScopeId};
 ///
+/// # fn run() -> std::io::Result<()> {
 /// let idem = Idempotency::new(MemoryStore::new())
 ///     .scope_resolver(|req| {
 ///         let tenant = req.headers().get("x-tenant").and_then(|v| v.to_str().ok());
@@ -20,8 +26,13 @@ type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send
 ///             .map(ScopeId::new)
 ///             .ok_or_else(|| actix_web::error::ErrorUnauthorized("no tenant"))
 ///     });
-/// let app = actix_web::App::new().app_data(idem);
+/// let server = HttpServer::new(move || App::new().app_data(idem.clone())).bind("127.0.0.1:8080")?;
+/// # Ok(()) }
 /// ```
+///
+/// (`MemoryStore::new()` is the process's one memory store wherever it is built, so even a
+/// configuration built inside the factory shares its records; a Redis or Postgres store built
+/// there would be a pool per worker.)
 ///
 /// Every setter checks its value where it is set: a value out of range is a programming error and
 /// panics there (see each setter's `# Panics`), not on the first request.
@@ -139,8 +150,9 @@ impl Idempotency {
         self.edit(|s| s.max_response = bytes)
     }
 
-    /// The `Retry-After` sent with a 503 when the store is unavailable (default 1 s; sent in whole
-    /// seconds, rounded up).
+    /// The `Retry-After` sent with a 503 when the store is unavailable, or when the process is
+    /// shutting down ([`shutdown`](crate::shutdown)) (default 1 s; sent in whole seconds, rounded
+    /// up).
     ///
     /// # Panics
     ///

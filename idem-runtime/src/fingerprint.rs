@@ -2,7 +2,9 @@
 //!
 //! Hashed, in order: the method; the path as the router matched it (actix-web's re-quoted form:
 //! percent-escapes of characters that need none are decoded, `%2F`, `%25` and `%2B` are kept, so
-//! `/pay%6Dents` is `/payments`; the raw path when decoding would not be valid UTF-8); the raw
+//! `/pay%6Dents` is `/payments`), with the hex digits of escapes upper-cased (`%2f` is `%2F`)
+//! and built from the raw path without loss where decoding would not be valid UTF-8 (see
+//! [`normal_path`]); the raw
 //! query string; `Content-Type`, normalised (the media type and parameter names lower-cased,
 //! whitespace around `;` and `=` and at the ends dropped, empty parameters dropped, parameter
 //! values kept as sent); `Content-Encoding`, normalised (codings lower-cased, trimmed, several
@@ -333,6 +335,109 @@ fn normalise_content_encoding(lines: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// The bytes whose escapes actix-web's router keeps encoded (`%25`, `%2F`, `%2B`): decoding them
+/// would change what the path means (a `/` inside a segment is not a separator).
+const KEPT_ESCAPED: &[u8] = b"%/+";
+
+/// The path as hashed, from the path as the router matched it (`routed`: actix-web's re-quoted
+/// form, escapes of characters that need none decoded) and the path as sent (`raw`). Two paths
+/// that are the same request give the same string, two that are not give different ones:
+///
+/// - The usual path: `routed`, with the hex digits of its escapes (only `%25`, `%2F` and `%2B`
+///   are left) upper-cased, as RFC 3986 (2.1) makes them case-insensitive: `/a%2fb` is `/a%2Fb`,
+///   `/pay%6Dents` is `/payments`, `/a%2Fb` is not `/a/b`.
+/// - When decoding is not valid UTF-8 (`%FF`), actix-web's `routed` holds a replacement character
+///   that several paths share, so the same form is built from `raw` without the loss: escapes of
+///   ASCII characters that need none decoded (`%78` is `x`), the others (`%2F`, `%FF`) kept with
+///   upper-case hex digits.
+/// - A path with a `%` that starts no escape (`/100%`, `/%%46F`) is not a valid URI (RFC 3986,
+///   2.1): it is `raw`, only its escapes' hex digits upper-cased, so that it never meets a path
+///   whose escape decodes to the same characters (`/%%46F` is not `/%FF`).
+///
+/// A path already in its form (no lower-case hex digit, no needless escape: every path a client
+/// library sends) is hashed as it is, with no copy, so its digest is the one earlier versions
+/// computed and a record stored before meets its retries. Only a request stored before with a
+/// path outside this form (`%2f`; `%78` beside `%FF`; a stray `%` beside a needless escape)
+/// answers 422 to its retries after an upgrade, until its ttl ends: it had been told apart from
+/// its equivalents, and now meets them.
+pub(crate) fn normal_path<'a>(routed: &'a str, raw: &'a str) -> Cow<'a, str> {
+    if has_stray_percent(raw.as_bytes()) {
+        upper_case_escapes(raw)
+    } else if routed.contains(char::REPLACEMENT_CHARACTER) {
+        requote(raw)
+    } else {
+        upper_case_escapes(routed)
+    }
+}
+
+/// The byte of the escape `%HH` at `at`, if one starts there.
+fn escape_at(bytes: &[u8], at: usize) -> Option<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    match bytes.get(at..at + 3)? {
+        [b'%', high, low] => u8::try_from(hex(*high)? << 4 | hex(*low)?).ok(),
+        _ => None,
+    }
+}
+
+/// Whether a `%` of `bytes` starts no escape.
+fn has_stray_percent(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(at, &b)| b == b'%' && escape_at(bytes, at).is_none())
+}
+
+/// `path` with the hex digits of its escapes upper-cased (borrowed when none is lower-case). Two
+/// escapes never overlap: an escape's digits are not `%`.
+fn upper_case_escapes(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let lower: Vec<usize> = (0..bytes.len())
+        .filter(|&at| {
+            escape_at(bytes, at).is_some()
+                && (bytes[at + 1].is_ascii_lowercase() || bytes[at + 2].is_ascii_lowercase())
+        })
+        .collect();
+    if lower.is_empty() {
+        return Cow::Borrowed(path);
+    }
+    let mut upper = path.to_owned();
+    for at in lower {
+        // Two ASCII hex digits: on character boundaries.
+        upper[at + 1..at + 3].make_ascii_uppercase();
+    }
+    Cow::Owned(upper)
+}
+
+/// The router's re-quoting of `raw`, without its lossy step: escapes of ASCII bytes outside
+/// [`KEPT_ESCAPED`] decoded, every other byte that is not plain ASCII (an escape that is kept, or
+/// decodes past ASCII) written as an escape with upper-case hex digits. Called only on a path
+/// where every `%` starts an escape; borrowed when `raw` is already in this form.
+fn requote(raw: &str) -> Cow<'_, str> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let (byte, len) = match escape_at(bytes, at) {
+            Some(b) => (b, 3),
+            None => (bytes[at], 1),
+        };
+        if byte.is_ascii() && (len == 1 || !KEPT_ESCAPED.contains(&byte)) {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        at += len;
+    }
+    if out == raw {
+        Cow::Borrowed(raw)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
 impl fmt::Debug for FingerprintHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FingerprintHasher")
@@ -601,6 +706,143 @@ mod tests {
             hex(body(JSON, &[], r#"{"amount":1,"amount":2}"#)),
             "f1790329a87d4c15b6b61dea8e1634f19bd4ab450da6e550f673e69523e87ed7"
         );
+    }
+
+    /// The path as hashed for a request sent with `raw`: what `normal_path` gets from the router
+    /// (actix-web's re-quoting) and from the request line.
+    fn path_form(raw: &str) -> Cow<'static, str> {
+        let uri: actix_web::http::Uri = raw.parse().expect("a path");
+        let url = actix_web::dev::Url::new(uri);
+        Cow::Owned(normal_path(url.path(), raw).into_owned())
+    }
+
+    #[test]
+    fn equivalent_paths_have_one_form_and_different_paths_do_not() {
+        for same in [
+            &["/acct/a%2Fb/pay", "/acct/a%2fb/pay", "/acct/%61%2fb/pay"][..],
+            &["/payments", "/pay%6Dents", "/pay%6dents", "/%70ayments"],
+            &["/a%2B", "/a%2b"],
+            &["/a%25", "/a%25"],
+            // Not UTF-8 once decoded: the raw path, up to needless escapes and hex case.
+            &[
+                "/acct/%FF%78/pay",
+                "/acct/%FFx/pay",
+                "/acct/%ff%78/pay",
+                "/acct/%fFx/pay",
+            ],
+            &["/files/%FF%2Fb", "/files/%ff%2fb", "/files/%FF%2F%62"],
+            &["/%EF%BF%BD", "/%ef%bf%bd"],
+            // A stray `%`: as sent, up to the hex case of its escapes.
+            &["/100%/%2f", "/100%/%2F"],
+        ] {
+            let form = path_form(same[0]);
+            for path in &same[1..] {
+                assert_eq!(path_form(path), form, "{path} and {}", same[0]);
+            }
+        }
+        for (a, b) in [
+            ("/acct/a%2Fb/pay", "/acct/a/b/pay"),
+            ("/a%2Bb", "/a+b"),
+            ("/a%25", "/a%"),
+            ("/acct/%FF%78/pay", "/acct/%FFy/pay"),
+            ("/files/%FF%2Fb", "/files/%FF/b"),
+            ("/%FF", "/%FE"),
+            ("/%FF", "/%%46F"),
+            ("/%EF%BF%BD", "/%FF"),
+            ("/100%/x", "/100%/%78"),
+            ("/%2F", "/%%32F"),
+        ] {
+            assert_ne!(path_form(a), path_form(b), "{a} and {b}");
+        }
+    }
+
+    #[test]
+    fn a_path_in_its_form_is_hashed_as_it_is() {
+        for path in [
+            "/payments",
+            "/orders/7",
+            "/acct/a%2Fb/pay",
+            "/a%2B%25",
+            "/acct/%FF/pay",
+            "/files/%FF%2Fb",
+            "/100%",
+            "/%%2F",
+            "/",
+        ] {
+            let uri: actix_web::http::Uri = path.parse().expect("a path");
+            let url = actix_web::dev::Url::new(uri);
+            assert!(
+                matches!(normal_path(url.path(), path), Cow::Borrowed(p) if p == path),
+                "{path}"
+            );
+        }
+    }
+
+    /// Whether a path is malformed, and its parts: (escaped, byte).
+    type Meaning = (bool, Vec<(bool, u8)>);
+
+    /// What a path means, computed apart from the implementation: the sequence of its parts, an
+    /// escape of an ASCII character that needs none being that character. Malformed paths (a
+    /// stray `%`) mean themselves, up to the case of their escapes.
+    fn meaning(raw: &str) -> Meaning {
+        let bytes = raw.as_bytes();
+        let escape = |at: usize| -> Option<u8> {
+            let (h, l) = (*bytes.get(at + 1)?, *bytes.get(at + 2)?);
+            let digits = std::str::from_utf8(&[h, l]).ok()?.to_owned();
+            (bytes[at] == b'%' && h.is_ascii_hexdigit() && l.is_ascii_hexdigit())
+                .then(|| u8::from_str_radix(&digits, 16).ok())
+                .flatten()
+        };
+        let stray = (0..bytes.len()).any(|at| bytes[at] == b'%' && escape(at).is_none());
+        let mut parts = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            match escape(at) {
+                Some(b) if !stray && b.is_ascii() && !b"%/+".contains(&b) => {
+                    parts.push((false, b));
+                    at += 3;
+                }
+                Some(b) => {
+                    parts.push((true, b));
+                    at += 3;
+                }
+                None => {
+                    parts.push((false, bytes[at]));
+                    at += 1;
+                }
+            }
+        }
+        (stray, parts)
+    }
+
+    /// Every path of up to five characters over an alphabet that makes escapes, stray `%`,
+    /// kept escapes, needless ones and bytes past ASCII: two paths have one form exactly when
+    /// they mean the same.
+    #[test]
+    fn forms_and_meanings_partition_paths_alike() {
+        use std::collections::HashMap;
+        let alphabet = ['%', '2', 'F', 'f', '7', '8', 'x', '/', '5'];
+        let mut paths = vec![String::new()];
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            paths = paths
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            all.extend(paths.iter().cloned());
+        }
+        let mut by_form: HashMap<Cow<'static, str>, Meaning> = HashMap::new();
+        let mut by_meaning: HashMap<Meaning, Cow<'static, str>> = HashMap::new();
+        for tail in all {
+            let raw = format!("/{tail}");
+            let (form, meaning) = (path_form(&raw), meaning(&raw));
+            if let Some(seen) = by_form.insert(form.clone(), meaning.clone()) {
+                assert_eq!(seen, meaning, "two meanings share the form {form} ({raw})");
+            }
+            if let Some(seen) = by_meaning.insert(meaning, form.clone()) {
+                assert_eq!(seen, form, "one meaning has two forms ({raw})");
+            }
+        }
     }
 
     #[test]

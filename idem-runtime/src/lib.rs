@@ -7,14 +7,16 @@
 //!
 //! - [`Idempotency`]: the app-wide configuration (the store, defaults, the scope resolver),
 //!   registered with `App::app_data`;
-//! - the stores: [`MemoryStore`] (one process), [`RedisStore`] and [`RedisClusterStore`] with
+//! - the stores: [`MemoryStore`] (one per process: `MemoryStore::new()` built in every worker
+//!   reaches the same records), [`RedisStore`] and [`RedisClusterStore`] with
 //!   their builders, [`NotReplicated`] (a cluster write too few replicas confirmed) and
 //!   [`EvictionRisk`] (a Redis whose `maxmemory-policy` could evict records); with the
 //!   `postgres` feature, `PostgresStore`, its builder, `InvalidTableName` and `SchemaMismatch`, and the
 //!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard` and
 //!   `NotTransactional`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
-//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
+//! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left,
+//!   and starts no new one (503 on connections still open);
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`], [`FingerprintEncoding`] and [`OwnerToken`]), [`Claim`], [`Ownership`],
 //!   [`StoreError`], [`StoredResponse`];
@@ -38,7 +40,7 @@
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
-//! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
+//! | `shutdown` | [`shutdown`], the count of running handlers it waits for, and the admission that refuses new ones once it began |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
 //! # Supported Rust versions

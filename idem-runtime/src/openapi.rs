@@ -230,9 +230,9 @@ fn document(operation: &mut Operation) -> bool {
         ),
         (
             "503",
-            "The idempotency store is unavailable, or this key's record was written by a newer \
-             version of the service during an upgrade; the request did not run. Retry after \
-             `Retry-After` seconds with the same key."
+            "The idempotency store is unavailable, the server is shutting down, or this key's \
+             record was written by a newer version of the service during an upgrade; the \
+             request did not run. Retry after `Retry-After` seconds with the same key."
                 .to_owned(),
             true,
         ),

@@ -51,6 +51,12 @@ pub(crate) enum Problem {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the server is shutting down (`idem::shutdown`); the handler did not run, nothing was
+    /// claimed. Sent with `Connection: close`.
+    ShuttingDown {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 413: the request body is larger than the handler's limit; nothing was recorded.
     BodyTooLarge {
         /// The limit in bytes.
@@ -82,6 +88,7 @@ impl Problem {
             Self::InFlight { .. } => "in-flight",
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::UnreadableRecord { .. } => "record-from-newer-version",
+            Self::ShuttingDown { .. } => "shutting-down",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
             Self::Misconfigured => "misconfigured",
@@ -101,9 +108,9 @@ impl Problem {
             }
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
-            Self::StoreUnavailable { .. } | Self::UnreadableRecord { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::StoreUnavailable { .. }
+            | Self::UnreadableRecord { .. }
+            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,6 +124,7 @@ impl Problem {
             Self::InFlight { .. } => "Request with this idempotency key in progress",
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::UnreadableRecord { .. } => "Idempotency record from a newer version",
+            Self::ShuttingDown { .. } => "Server shutting down",
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
             Self::Misconfigured => "Idempotency misconfigured",
@@ -135,6 +143,7 @@ impl Problem {
             Self::InFlight { .. } => "A request with this idempotency key is still being processed. Retry after the time in `Retry-After`.".to_owned(),
             Self::StoreUnavailable { .. } => "The request was not processed because its idempotency could not be guaranteed. Retry after the time in `Retry-After`.".to_owned(),
             Self::UnreadableRecord { .. } => "The request was not processed: this key's idempotency record was written by a newer version of the service, which this instance cannot compare the request with. Retry after the time in `Retry-After`.".to_owned(),
+            Self::ShuttingDown { .. } => "The request was not processed because this server is shutting down. Retry after the time in `Retry-After`, with the same key, on a new connection.".to_owned(),
             Self::BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes; it was not processed."),
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
@@ -147,6 +156,7 @@ impl Problem {
             Self::InFlight { retry_after }
             | Self::StoreUnavailable { retry_after }
             | Self::UnreadableRecord { retry_after } => Some(*retry_after),
+            Self::ShuttingDown { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -239,6 +249,13 @@ mod tests {
                 },
                 503,
                 "record-from-newer-version",
+            ),
+            (
+                Problem::ShuttingDown {
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "shutting-down",
             ),
             (Problem::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
         ];

@@ -29,7 +29,7 @@
 use std::fmt;
 
 use actix_web::http::{
-    header::{HeaderMap, HeaderName, HeaderValue},
+    header::{HeaderMap, HeaderName, HeaderValue, CONNECTION},
     StatusCode,
 };
 use bytes::{BufMut, Bytes, BytesMut};
@@ -92,18 +92,22 @@ impl fmt::Debug for OwnerToken {
 pub struct StoredResponse {
     /// The status code.
     pub status: StatusCode,
-    /// The headers to replay, in order (hop-by-hop headers, `Date` and `Set-Cookie` removed).
+    /// The headers to replay, in order (hop-by-hop headers, those named in `Connection`, `Date`
+    /// and `Set-Cookie` removed).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The body bytes, exactly as first sent.
     pub body: Bytes,
 }
 
 impl StoredResponse {
-    /// Captures `status`, `headers` and `body`, keeping only the headers that are replayed.
+    /// Captures `status`, `headers` and `body`, keeping only the headers that are replayed: not
+    /// the hop-by-hop ones (the fixed list, and those the response names in `Connection`), not
+    /// `Date`, `Set-Cookie` or the framing headers.
     pub fn capture(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
+        let hop_by_hop = connection_options(headers);
         let headers = headers
             .iter()
-            .filter(|(name, _)| is_replayed_header(name))
+            .filter(|(name, _)| is_replayed_header(name) && !hop_by_hop.contains(name))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         Self {
@@ -145,6 +149,18 @@ pub(crate) fn is_replayed_header(name: &HeaderName) -> bool {
             | "set-cookie"
             | "content-length"
     )
+}
+
+/// The header names a message lists in its `Connection` header lines (RFC 9110 §7.6.1: each
+/// names a header that describes this connection only, which a sender must not forward). Empty,
+/// and no allocation, for the usual response without `Connection`. A token that is not a valid
+/// header name names no header that the response can hold, and is skipped.
+fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect()
 }
 
 /// One record as the store holds it.
@@ -770,5 +786,37 @@ mod tests {
         let captured = StoredResponse::capture(StatusCode::OK, &headers, Bytes::new());
         let names: Vec<_> = captured.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["content-type"]);
+    }
+
+    #[test]
+    fn capture_drops_the_headers_named_in_connection() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "X-Trace-Hop, close"),
+            ("connection", " hop-two ,,\tKeep-Alive ,"),
+            ("connection", "not a header name"),
+            ("x-trace-hop", "1"),
+            ("hop-two", "2"),
+            ("x-kept", "3"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("x")),
+            );
+        }
+        let captured = StoredResponse::capture(StatusCode::OK, &headers, Bytes::new());
+        let mut names: Vec<_> = captured.headers.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-kept"]);
+        // A response whose `Connection` names nothing it holds keeps every other header.
+        let mut plain = HeaderMap::new();
+        plain.insert(CONNECTION, HeaderValue::from_static("close"));
+        plain.insert(
+            HeaderName::from_static("x-kept"),
+            HeaderValue::from_static("3"),
+        );
+        let captured = StoredResponse::capture(StatusCode::OK, &plain, Bytes::new());
+        assert_eq!(captured.headers.len(), 1);
     }
 }

@@ -13,7 +13,7 @@ use idem_testkit::RedisServer;
 use suite::Harness;
 
 async fn memory() -> Harness {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryStore::isolated());
     let inspect = Arc::clone(&store);
     Harness {
         store,

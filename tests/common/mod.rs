@@ -32,7 +32,7 @@ impl Backend {
     pub fn with(kind: Kind, configure: impl FnOnce(Idempotency) -> Idempotency) -> Self {
         match kind {
             Kind::Memory => Self {
-                idem: configure(Idempotency::new(MemoryStore::new())),
+                idem: configure(Idempotency::new(MemoryStore::isolated())),
                 server: None,
             },
             Kind::Redis => {

@@ -125,6 +125,9 @@ where
             .to_response();
         }
         Ok(None) => {
+            let Some(_running) = crate::shutdown::Running::admit() else {
+                return shutting_down(spec.handler, &settings);
+            };
             record(spec.handler, Outcome::NoKey);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
@@ -137,6 +140,12 @@ where
             }
             .to_response();
         }
+    };
+
+    // From here the request may run the handler: counted, so that a graceful shutdown waits for
+    // it, unless the shutdown has begun (then no claim is made).
+    let Some(running) = crate::shutdown::Running::admit() else {
+        return shutting_down(spec.handler, &settings);
     };
 
     // 2. Scope.
@@ -256,8 +265,7 @@ where
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
-    // Counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
-    let running = crate::shutdown::Running::start();
+    // Still counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     // Counted as running here until it settles: a duplicate's 409 then says how long it takes.
     let here = settings.waiters.run_here(key);
     let started = tokio::time::Instant::now();
@@ -285,18 +293,27 @@ where
     }
 }
 
+/// The answer to a request that arrives once `idem::shutdown` has begun, on a connection that
+/// was already open: 503 before any claim, and the connection closed, so that the retry opens
+/// one to another instance.
+fn shutting_down(handler: &'static str, settings: &crate::config::Settings) -> HttpResponse {
+    record(handler, Outcome::ShuttingDown);
+    let mut resp = Problem::ShuttingDown {
+        retry_after: settings.unavailable_retry_after,
+    }
+    .to_response();
+    resp.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
+    resp
+}
+
 /// Starts the request's fingerprint (see [`crate::fingerprint`] for what is equivalent): the
 /// path as the router matched it, so that `/pay%6Dents` and `/payments`, which reach the same
-/// handler with the same path parameters, are the same request. actix-web decodes lossily: when
-/// the decoded path is not valid UTF-8 (`%FF`), the raw path is hashed instead, so that two
-/// different raw paths never meet in one replacement character.
+/// handler with the same path parameters, are the same request, in the form of
+/// [`normal_path`](crate::fingerprint::normal_path) (hex digits upper-cased; built from the raw
+/// path where the router's decoding is lossy).
 fn fingerprint_head(req: &HttpRequest, mode: FingerprintMode) -> FingerprintHasher {
-    let routed = req.match_info().as_str();
-    let path = if routed.contains(char::REPLACEMENT_CHARACTER) {
-        req.path()
-    } else {
-        routed
-    };
+    let path = crate::fingerprint::normal_path(req.match_info().as_str(), req.path());
     // A header's lines, without a `Vec` for the usual zero or one line.
     let lines = |name| {
         let mut all = req.headers().get_all(name).map(HeaderValue::as_bytes);
@@ -309,7 +326,7 @@ fn fingerprint_head(req: &HttpRequest, mode: FingerprintMode) -> FingerprintHash
     FingerprintHasher::new(
         mode,
         req.method().as_str(),
-        path,
+        &path,
         req.query_string(),
         lines(header::CONTENT_TYPE).as_slice(),
         lines(header::CONTENT_ENCODING).as_slice(),

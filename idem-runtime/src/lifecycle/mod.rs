@@ -404,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_claim_answers_acquired_then_in_flight_then_replay_or_mismatch() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(1000);
         let owned = acquire(&store, &ticket(b"a"), p).await;
         assert!(matches!(
@@ -440,7 +440,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_duplicate_replays_once_the_first_completes() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(30_000);
         let owned = acquire(&store, &ticket(b"a"), p).await;
         let waiting = Policy {
@@ -465,7 +465,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_that_runs_out_answers_in_flight() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(30_000);
         let _owned = acquire(&store, &ticket(b"a"), p).await;
         let waiting = Policy {
@@ -482,7 +482,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_handler_keeps_its_lease() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(300);
         let owned = acquire(&store, &ticket(b"a"), p).await;
         let ran = owned
@@ -526,7 +526,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_renewal_is_retried_and_the_handler_still_finishes() {
         let failing = Arc::new(RenewFails {
-            inner: MemoryStore::new(),
+            inner: MemoryStore::isolated(),
             renewals: AtomicUsize::new(0),
         });
         let store: Arc<dyn Store> = failing.clone();
@@ -568,7 +568,7 @@ mod tests {
     impl WritesFail {
         fn new(failures: usize) -> Arc<Self> {
             Arc::new(Self {
-                inner: MemoryStore::new(),
+                inner: MemoryStore::isolated(),
                 failures,
                 completes: AtomicUsize::new(0),
                 releases: AtomicUsize::new(0),
@@ -680,7 +680,7 @@ mod tests {
     async fn the_policy_stores_or_releases() {
         for (status, stored) in [(201, true), (400, true), (402, true), (500, false)] {
             for (status, stored) in [(status, stored), (408, false), (429, false), (503, false)] {
-                let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+                let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
                 let p = policy(1000);
                 let owned = acquire(&store, &ticket(b"a"), p).await;
                 let outcome = owned
@@ -702,7 +702,7 @@ mod tests {
             }
         }
         // `store_server_errors`: a 5xx is stored.
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = Policy {
             server_errors: ServerErrors::Store,
             ..policy(1000)
@@ -724,7 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_is_caught_and_releases_the_key() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(1000);
         let owned = acquire(&store, &ticket(b"a"), p).await;
         let ran = owned
@@ -751,7 +751,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unstorable_response_releases_the_key() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(1000);
         let owned = acquire(&store, &ticket(b"a"), p).await;
         assert_eq!(
@@ -796,7 +796,7 @@ mod tests {
     #[tokio::test]
     async fn a_completion_holding_the_writes_that_fails_is_rolled_back() {
         for (result, released) in [(Ok(Ownership::Lost), false), (Err(()), true)] {
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
             let p = policy(1000);
             let owned = acquire(&store, &ticket(b"a"), p).await;
             let outcome = owned
@@ -886,7 +886,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_of_one_record_share_one_poll() {
         let counting = Arc::new(Counting {
-            inner: MemoryStore::new(),
+            inner: MemoryStore::isolated(),
             claims: AtomicUsize::new(0),
         });
         let store: Arc<dyn Store> = counting.clone();
@@ -1009,7 +1009,7 @@ mod tests {
     /// An owner in this process wakes its waiters when it settles: they replay at once.
     #[tokio::test(start_paused = true)]
     async fn waiters_wake_when_the_record_settles_here() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::isolated());
         let p = policy(30_000);
         let owner = ticket(b"a");
         let owned = acquire(&store, &owner, p).await;

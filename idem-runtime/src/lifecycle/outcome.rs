@@ -41,6 +41,8 @@ pub(crate) enum Outcome {
     BadBody,
     /// The store failed; the handler did not run: 503.
     StoreError,
+    /// The process is shutting down (`idem::shutdown`); the handler did not run: 503.
+    ShuttingDown,
     /// The store failed; the handler ran without idempotency (`fail_open`).
     StoreErrorFailOpen,
     /// The key's record was written by a newer release (a record format or a fingerprint
@@ -68,10 +70,61 @@ impl Outcome {
             Self::BodyTooLarge => "body_too_large",
             Self::BadBody => "bad_body",
             Self::StoreError => "store_error",
+            Self::ShuttingDown => "shutting_down",
             Self::StoreErrorFailOpen => "store_error_fail_open",
             Self::NewerRecord => "newer_record",
             Self::Misconfigured => "misconfigured",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    /// Every outcome; `as_str` matches them all, so a new one fails to compile there first.
+    const ALL: [Outcome; 18] = [
+        Outcome::Executed,
+        Outcome::ExecutedReleased,
+        Outcome::Panicked,
+        Outcome::RolledBack,
+        Outcome::Replayed,
+        Outcome::Mismatch,
+        Outcome::InFlight,
+        Outcome::MissingKey,
+        Outcome::NoKey,
+        Outcome::InvalidKey,
+        Outcome::ScopeRefused,
+        Outcome::BodyTooLarge,
+        Outcome::BadBody,
+        Outcome::StoreError,
+        Outcome::ShuttingDown,
+        Outcome::StoreErrorFailOpen,
+        Outcome::NewerRecord,
+        Outcome::Misconfigured,
+    ];
+
+    /// The README's metrics table lists every value of the `outcome` label, and nothing else.
+    #[test]
+    fn the_readme_names_every_outcome() {
+        let readme = include_str!("../../../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `idem_requests_total` |"))
+            .expect("the README's metrics table has a row for idem_requests_total");
+        let what = row.split(" | ").nth(3).expect("the row's last column");
+        let listed: Vec<&str> = what
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let mut known: Vec<&str> = ALL.iter().map(|o| o.as_str()).collect();
+        let mut documented = listed.clone();
+        known.sort_unstable();
+        documented.sort_unstable();
+        documented.dedup();
+        assert_eq!(documented, known, "the README lists {listed:?}");
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
     mem::size_of,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
     },
     time::Duration,
 };
@@ -38,24 +38,70 @@ const SLOT: usize = size_of::<(RecordKey, Entry)>() + 1;
 /// Records live in this process only: two app instances do not share them, and a restart forgets
 /// them. Use [`RedisStore`](crate::RedisStore) for anything that runs more than one process.
 ///
+/// **One store per process.** [`new`](Self::new), [`with_capacity`](Self::with_capacity) and
+/// [`Default`] return a handle to the process's memory store: every call, wherever it is made,
+/// reaches the same records. So the store may be built where actix-web builds everything else,
+/// in the factory that `HttpServer::new` calls once per worker:
+///
+/// ```
+/// use actix_web::{App, HttpServer};
+/// use idem_runtime::{Idempotency, MemoryStore};
+///
+/// # fn run() -> std::io::Result<()> {
+/// // Four workers, four handles, one store: a key runs once, whichever worker its requests reach.
+/// let server = HttpServer::new(|| App::new().app_data(Idempotency::new(MemoryStore::new())))
+///     .workers(4)
+///     .bind("127.0.0.1:8080")?;
+/// # Ok(()) }
+/// ```
+///
+/// Were each worker's store its own, a retry that reaches another worker (every new connection
+/// may) would find no record and run the handler again. A store of its own, which shares nothing
+/// with the others, is [`isolated`](Self::isolated): for tests that want a fresh store each, or a
+/// store built once and cloned into the factory. Clones of a handle share its records. The
+/// process's store lives as long as the process; an isolated one, until its last handle is
+/// dropped.
+///
 /// **Capacity.** The store counts what each record costs (its map slot with key, fingerprint and
-/// owner token, and for a completed record the response's body and headers) against a capacity,
-/// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) unless set with
-/// [`with_capacity`](Self::with_capacity). When a new claim does not fit, even after expired
+/// owner token, and for a completed record the response's body and headers) against the
+/// capacity of the handle that claims, [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) unless set
+/// with [`with_capacity`](Self::with_capacity). When a new claim does not fit, even after expired
 /// records are swept, it fails with [`StoreError::Full`]: the request gets 503 with `Retry-After`
 /// and its handler does not run (unless it fails open). A live record is never evicted early, so
 /// every stored response stays replayable for its ttl. The completion of a request already
 /// claimed always succeeds, so memory can exceed the capacity by the responses of the requests in
-/// flight when it filled (each at most `max_response`).
-#[derive(Debug)]
+/// flight when it filled (each at most `max_response`). Handles of the process's store with
+/// different capacities share its records, and each refuses new claims once they hold its own
+/// capacity.
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<Shard>]>,
+    records: Arc<Records>,
     capacity: usize,
+}
+
+/// The records of one store, shared by its handles.
+#[derive(Debug)]
+struct Records {
+    shards: Box<[Mutex<Shard>]>,
     /// The bytes the records hold, by the count above.
     used: AtomicUsize,
     /// When a full store last swept every shard.
     last_full_sweep: Mutex<Option<Instant>>,
 }
+
+impl Records {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            used: AtomicUsize::new(0),
+            last_full_sweep: Mutex::new(None),
+        }
+    }
+}
+
+/// The process's memory store: the records behind every [`MemoryStore::new`] and
+/// [`MemoryStore::with_capacity`].
+static PROCESS: OnceLock<Arc<Records>> = OnceLock::new();
 
 #[derive(Debug, Default)]
 struct Shard {
@@ -78,30 +124,47 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// The capacity of [`new`](Self::new): 256 MiB.
+    /// The capacity of [`new`](Self::new) and [`isolated`](Self::isolated): 256 MiB.
     pub const DEFAULT_CAPACITY: usize = 256 * 1024 * 1024;
 
-    /// An empty store with the [default capacity](Self::DEFAULT_CAPACITY).
+    /// A handle to the process's memory store (one per process, see above), with the
+    /// [default capacity](Self::DEFAULT_CAPACITY).
     pub fn new() -> Self {
         Self::with_capacity(Self::DEFAULT_CAPACITY)
     }
 
-    /// An empty store that holds records worth at most `bytes` (see "Capacity" above): a pending
-    /// record costs about 150 bytes, a completed one that plus its response's body and headers.
-    /// A new claim that does not fit fails with [`StoreError::Full`] (503).
+    /// A handle to the process's memory store (one per process, see above) that claims new
+    /// records while the store holds less than `bytes` (see "Capacity" above): a pending record
+    /// costs about 150 bytes, a completed one that plus its response's body and headers. A new
+    /// claim that does not fit fails with [`StoreError::Full`] (503).
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            records: Arc::clone(PROCESS.get_or_init(|| Arc::new(Records::new()))),
             capacity: bytes,
-            used: AtomicUsize::new(0),
-            last_full_sweep: Mutex::new(None),
         }
     }
 
-    /// The number of live (unexpired) records.
+    /// A new, empty store of its own, with the [default capacity](Self::DEFAULT_CAPACITY): it
+    /// shares records only with its clones. For tests that want a fresh store each; an app that
+    /// builds one must build it once, outside `HttpServer::new`'s factory, and clone it in.
+    pub fn isolated() -> Self {
+        Self::isolated_with_capacity(Self::DEFAULT_CAPACITY)
+    }
+
+    /// [`isolated`](Self::isolated), holding records worth at most `bytes`.
+    pub fn isolated_with_capacity(bytes: usize) -> Self {
+        Self {
+            records: Arc::new(Records::new()),
+            capacity: bytes,
+        }
+    }
+
+    /// The number of live (unexpired) records of the store (of the process's store: its records
+    /// from every handle).
     pub fn len(&self) -> usize {
         let now = Instant::now();
-        self.shards
+        self.records
+            .shards
             .iter()
             .map(|s| {
                 lock(s)
@@ -122,7 +185,8 @@ impl MemoryStore {
     #[cfg(feature = "testing")]
     pub(crate) fn ttls(&self) -> Vec<Duration> {
         let now = Instant::now();
-        self.shards
+        self.records
+            .shards
             .iter()
             .flat_map(|s| {
                 lock(s)
@@ -143,13 +207,15 @@ impl MemoryStore {
         tail.copy_from_slice(&key.as_bytes()[24..]);
         // The modulo keeps the index in range; truncation is intended.
         #[allow(clippy::cast_possible_truncation)]
-        let i = (u64::from_le_bytes(tail) % self.shards.len() as u64) as usize;
-        lock(&self.shards[i])
+        let shards = &self.records.shards;
+        let i = (u64::from_le_bytes(tail) % shards.len() as u64) as usize;
+        lock(&shards[i])
     }
 
     /// Counts `cost` more bytes if they fit in the capacity.
     fn reserve(&self, cost: usize) -> bool {
-        self.used
+        self.records
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(cost).filter(|&n| n <= self.capacity)
             })
@@ -158,12 +224,12 @@ impl MemoryStore {
 
     /// Counts `cost` more bytes, whether or not they fit.
     fn charge(&self, cost: usize) {
-        self.used.fetch_add(cost, Ordering::AcqRel);
+        self.records.used.fetch_add(cost, Ordering::AcqRel);
     }
 
     /// Counts `cost` fewer bytes.
     fn refund(&self, cost: usize) {
-        self.used.fetch_sub(cost, Ordering::AcqRel);
+        self.records.used.fetch_sub(cost, Ordering::AcqRel);
     }
 
     /// Drops the expired records of one shard.
@@ -182,7 +248,7 @@ impl MemoryStore {
     /// Sweeps every shard, unless another sweep ran within [`FULL_SWEEP_INTERVAL`] or is running.
     /// Called with no shard locked.
     fn sweep_all_if_due(&self) {
-        let Ok(mut last) = self.last_full_sweep.try_lock() else {
+        let Ok(mut last) = self.records.last_full_sweep.try_lock() else {
             return;
         };
         let now = Instant::now();
@@ -190,7 +256,7 @@ impl MemoryStore {
             return;
         }
         *last = Some(now);
-        for shard in &*self.shards {
+        for shard in &*self.records.shards {
             self.sweep(&mut lock(shard), now);
         }
     }
@@ -385,6 +451,7 @@ mod tests {
     fn longest_expiry(store: &MemoryStore) -> Duration {
         let now = Instant::now();
         store
+            .records
             .shards
             .iter()
             .flat_map(|s| {
@@ -400,7 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_huge_duration_is_clamped_to_the_longest_ttl() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::isolated();
         let t = ticket(1);
         assert_eq!(
             store.claim(&t, Duration::MAX).await.expect("claims"),
@@ -431,12 +498,12 @@ mod tests {
     }
 
     fn used(store: &MemoryStore) -> usize {
-        store.used.load(Ordering::Acquire)
+        store.records.used.load(Ordering::Acquire)
     }
 
     #[tokio::test]
     async fn a_full_store_refuses_new_claims_and_keeps_every_live_record() {
-        let store = MemoryStore::with_capacity(3 * SLOT);
+        let store = MemoryStore::isolated_with_capacity(3 * SLOT);
         let lease = Duration::from_secs(30);
         let owners: Vec<Ticket> = (1..=3).map(ticket).collect();
         for owner in &owners {
@@ -487,9 +554,98 @@ mod tests {
         assert_eq!(store.len(), 3);
     }
 
+    /// A ticket at an address of its own: the process's store is shared by every test here.
+    fn unique_ticket() -> Ticket {
+        Ticket::new(
+            RecordKey::from_bytes(rand::random()),
+            Fingerprint::compute("POST", "/p", "", b"{}"),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_default_handle_reaches_the_processs_records_and_isolated_ones_do_not() {
+        let lease = Duration::from_secs(30);
+        let t = unique_ticket();
+        // The same request again (another owner token), as a retry sends it.
+        let retry = || Ticket::new(*t.key(), *t.fingerprint());
+        // As `HttpServer::new`'s factory builds it, once per worker.
+        let workers = [
+            MemoryStore::new(),
+            MemoryStore::default(),
+            MemoryStore::with_capacity(1 << 20),
+            MemoryStore::new().clone(),
+        ];
+        assert_eq!(
+            workers[0].claim(&t, lease).await.expect("claims"),
+            Claim::Acquired
+        );
+        for other in &workers[1..] {
+            assert!(
+                matches!(
+                    other.claim(&retry(), lease).await,
+                    Ok(Claim::InFlight { .. })
+                ),
+                "another handle of the process's store sees the claim"
+            );
+        }
+        assert_eq!(
+            workers[3]
+                .complete(&t, &response(b"paid"), Duration::from_secs(60))
+                .await
+                .expect("completes"),
+            Ownership::Held
+        );
+        for other in &workers {
+            assert_eq!(
+                other.claim(&retry(), lease).await.expect("claims"),
+                Claim::Replay(response(b"paid"))
+            );
+        }
+        // A store of its own sees none of it, and shares only with its clones.
+        let isolated = MemoryStore::isolated();
+        assert_eq!(
+            isolated.claim(&t, lease).await.expect("claims"),
+            Claim::Acquired
+        );
+        assert!(matches!(
+            isolated.clone().claim(&retry(), lease).await,
+            Ok(Claim::InFlight { .. })
+        ));
+        assert!(matches!(
+            MemoryStore::isolated().claim(&t, lease).await,
+            Ok(Claim::Acquired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn each_handle_claims_within_its_own_capacity() {
+        let lease = Duration::from_secs(30);
+        let small = MemoryStore::isolated_with_capacity(2 * SLOT);
+        let large = MemoryStore {
+            capacity: 3 * SLOT,
+            ..small.clone()
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                small.claim(&unique_ticket(), lease).await.expect("claims"),
+                Claim::Acquired
+            );
+        }
+        assert!(matches!(
+            small.claim(&unique_ticket(), lease).await,
+            Err(StoreError::Full { capacity }) if capacity == 2 * SLOT
+        ));
+        assert_eq!(
+            large.claim(&unique_ticket(), lease).await.expect("claims"),
+            Claim::Acquired
+        );
+        assert_eq!(small.len(), 3);
+        assert_eq!(large.len(), 3);
+    }
+
     #[tokio::test]
     async fn a_release_makes_room() {
-        let store = MemoryStore::with_capacity(SLOT);
+        let store = MemoryStore::isolated_with_capacity(SLOT);
         let lease = Duration::from_secs(30);
         let t1 = ticket(1);
         assert_eq!(
@@ -508,7 +664,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_records_make_room_again() {
         // Room for two pending records, or one pending and one small completed one.
-        let store = MemoryStore::with_capacity(2 * SLOT + 100);
+        let store = MemoryStore::isolated_with_capacity(2 * SLOT + 100);
         let (t1, t2) = (ticket(1), ticket(2));
         assert_eq!(
             store
