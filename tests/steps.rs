@@ -454,6 +454,68 @@ async fn steps_outside_an_idempotent_handler_are_a_misconfiguration(kind: Kind) 
     assert!(String::from_utf8_lossy(&a.body).contains("#[idempotent]"));
 }
 
+/// Steps whose output is `len` bytes of JSON, `count` of them, each under its own name.
+#[idempotent(require_key, scope = Tenant)]
+async fn big(
+    p: web::Data<Processor>,
+    steps: Steps,
+    shape: web::Query<Shape>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let pp: &Processor = &p;
+    for i in 0..shape.count {
+        let len = shape.len;
+        steps
+            .run(&format!("step-{i}"), |key| async move {
+                pp.charge("big", &key).await.map(|_| "x".repeat(len))
+            })
+            .await?;
+    }
+    Ok(HttpResponse::Created().finish())
+}
+
+#[derive(Deserialize)]
+struct Shape {
+    len: usize,
+    count: usize,
+}
+
+/// Over the limits, a step's result is refused with a clear error (500, not journaled), never
+/// dropped silently: a retry runs it again.
+#[actix_rt::test]
+async fn outputs_over_the_limits_are_refused_not_dropped() {
+    let backend = Backend::new(Kind::Memory);
+    let p = web::Data::new(Processor::default());
+    let app = test::init_service(
+        App::new()
+            .app_data(backend.idem.clone())
+            .app_data(p.clone())
+            .route("/big", web::post().to(big)),
+    )
+    .await;
+    // One entry over `Steps::MAX_ENTRY`.
+    let path = format!("/big?len={}&count=1", Steps::MAX_ENTRY);
+    for calls in 1..=2 {
+        let a = send(&app, &path, "alice", Some("k-entry")).await;
+        assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(a.json()["type"], "https://idem.dev/problems/misconfigured");
+        assert_eq!(p.calls(), calls, "not journaled: the retry runs it again");
+    }
+    // Entries under the limit, but more of them than `Steps::MAX_JOURNAL` holds.
+    let len = Steps::MAX_ENTRY - 100;
+    let fit = Steps::MAX_JOURNAL / len;
+    let path = format!("/big?len={len}&count={}", fit + 1);
+    let a = send(&app, &path, "alice", Some("k-journal")).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let before = p.calls();
+    let b = send(&app, &path, "alice", Some("k-journal")).await;
+    assert_eq!(b.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        p.calls() - before,
+        1,
+        "the journaled steps replay, the last one runs again"
+    );
+}
+
 on_every_store!(
     a_step_before_a_5xx_is_not_run_again,
     a_step_before_a_panic_is_not_run_again,
@@ -466,11 +528,9 @@ on_every_store!(
 );
 
 /// A memory store that never renews a lease (as when the store is unreachable while the handler
-/// runs), and, unless `journal`, does not journal steps (a custom store that implements only the
-/// record calls).
+/// runs).
 struct Forgetful {
     inner: MemoryStore,
-    journal: bool,
 }
 
 #[async_trait]
@@ -493,9 +553,6 @@ impl Store for Forgetful {
         self.inner.release(t).await
     }
     async fn load_steps(&self, t: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
-        if !self.journal {
-            return Err(StoreError::StepsUnsupported { store: "custom" });
-        }
         self.inner.load_steps(t).await
     }
     async fn record_step(
@@ -505,9 +562,6 @@ impl Store for Forgetful {
         entry: &[u8],
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
-        if !self.journal {
-            return Err(StoreError::StepsUnsupported { store: "custom" });
-        }
         self.inner.record_step(t, name, entry, ttl).await
     }
 }
@@ -519,7 +573,6 @@ impl Store for Forgetful {
 async fn a_stale_owner_gets_lease_lost_and_never_writes() {
     let store = Arc::new(Forgetful {
         inner: MemoryStore::new(),
-        journal: true,
     });
     let idem = Idempotency::from_arc(store.clone()).lease(Duration::from_millis(200));
     let p = web::Data::new(Processor::default());
@@ -542,14 +595,35 @@ async fn a_stale_owner_gets_lease_lost_and_never_writes() {
     assert_eq!(replay.body, second.body);
 }
 
+/// A custom store that implements only the record calls: the trait's defaults refuse steps.
+struct RecordsOnly(MemoryStore);
+
+#[async_trait]
+impl Store for RecordsOnly {
+    async fn claim(&self, t: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        self.0.claim(t, lease).await
+    }
+    async fn renew(&self, t: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
+        self.0.renew(t, lease).await
+    }
+    async fn complete(
+        &self,
+        t: &Ticket,
+        r: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        self.0.complete(t, r, ttl).await
+    }
+    async fn release(&self, t: &Ticket) -> Result<Ownership, StoreError> {
+        self.0.release(t).await
+    }
+}
+
 /// A store that does not implement the journal refuses steps clearly: 503, the handler's step
-/// never runs.
+/// never runs, and the error names the fix.
 #[actix_rt::test]
 async fn a_store_without_a_journal_refuses_steps() {
-    let store = Arc::new(Forgetful {
-        inner: MemoryStore::new(),
-        journal: false,
-    });
+    let store = Arc::new(RecordsOnly(MemoryStore::new()));
     let p = web::Data::new(Processor::default());
     let app = service(Idempotency::from_arc(store), p.clone()).await;
     let a = send(&app, "/pay", "alice", Some("k-custom")).await;
