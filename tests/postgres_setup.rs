@@ -114,7 +114,7 @@ async fn verify_schema_checks_what_a_teams_own_migrations_applied() {
     store.verify_schema().await.expect("schema.sql verified");
     assert_eq!(
         db.psql("SELECT obj_description('idem_records'::regclass, 'pg_class')"),
-        "idem schema 3"
+        "idem schema 4"
     );
     db.psql("CREATE SCHEMA app");
     let configured = PostgresStore::builder(store.pool().clone())
@@ -153,7 +153,7 @@ async fn verify_schema_checks_what_a_teams_own_migrations_applied() {
         .expect_err("no version, verified");
     assert_eq!(
         mismatch(&err).problems(),
-        ["its schema version is 0 (table comment `idem schema <n>`; none is 0), this build needs 3"]
+        ["its schema version is 0 (table comment `idem schema <n>`; none is 0), this build needs 4"]
     );
     store.migrate().await.expect("migrate");
     store.verify_schema().await.expect("verified after migrate");

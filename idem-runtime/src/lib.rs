@@ -15,6 +15,8 @@
 //!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard` and
 //!   `NotTransactional`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
+//! - calls to other systems: the [`Steps`] extractor (journaled steps, recovery points), its
+//!   [`StepError`], and the [`DownstreamKey`] each step sends;
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left,
 //!   and starts no new one (503 on connections still open);
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
@@ -40,6 +42,7 @@
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
+//! | `steps` | [`Steps`]: the journal of a request's calls to other systems, and their [`DownstreamKey`]s |
 //! | `shutdown` | [`shutdown`], the count of running handlers it waits for, and the admission that refuses new ones once it began |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
@@ -66,6 +69,7 @@ mod protocol;
 mod record;
 mod scope;
 mod shutdown;
+mod steps;
 mod store;
 mod waiters;
 
@@ -87,6 +91,7 @@ pub use crate::{
     record::{OwnerToken, StoredResponse},
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
     shutdown::shutdown,
+    steps::{DownstreamKey, StepError, Steps},
     store::{
         memory::MemoryStore,
         redis::{

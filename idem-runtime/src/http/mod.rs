@@ -26,6 +26,7 @@ use crate::{
     protocol::Claim,
     record::StoredResponse,
     scope::{IdempotencyScope, RecordKey},
+    steps::Execution,
     store::{StoreError, Ticket},
 };
 
@@ -64,6 +65,7 @@ where
         method = %req.method(),
         path = req.path(),
         outcome = field::Empty,
+        resumed = field::Empty,
     );
     adapt::<S, F, Fut>(req, payload, spec, run)
         .instrument(span)
@@ -129,6 +131,7 @@ where
                 return shutting_down(spec.handler, &settings);
             };
             record(spec.handler, Outcome::NoKey);
+            Arc::new(Execution::unjournaled(spec.handler)).install(&req);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -244,6 +247,7 @@ where
         Err(err) if spec.fail_open => {
             record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
+            Arc::new(Execution::unjournaled(spec.handler)).install(&req);
             let resp = run(req, payload_of(body)).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -262,6 +266,15 @@ where
     // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     // Until it settles: the span of a handler still running (or that never returns) says so.
     Span::current().record("outcome", Outcome::Executed.as_str());
+    // The execution's journal of steps, for `Steps`.
+    let steps = Arc::new(Execution::journaled(
+        spec.handler,
+        Arc::clone(&settings.store),
+        ticket.clone(),
+        policy.ttl,
+        policy.lease,
+    ));
+    steps.install(&req);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
@@ -280,6 +293,9 @@ where
             run(req, payload_of(body)),
         )
         .await;
+        if steps.resumed() {
+            Span::current().record("resumed", true);
+        }
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp

@@ -12,11 +12,13 @@ use std::{
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
     config::Idempotency,
+    fingerprint::Fingerprint,
     protocol::{classify, Claim},
     record::{Record, StoredResponse},
     scope::RecordKey,
@@ -106,8 +108,26 @@ static PROCESS: OnceLock<Arc<Records>> = OnceLock::new();
 #[derive(Debug, Default)]
 struct Shard {
     records: HashMap<RecordKey, Entry>,
+    /// The journals of steps, beside the records: a release deletes the record and keeps its
+    /// journal (so the retry resumes); each expires on its own, `ttl` after its last write.
+    journals: HashMap<RecordKey, Journal>,
     inserts: u32,
 }
+
+/// One request's journal of steps (see `Steps`).
+#[derive(Debug)]
+struct Journal {
+    fingerprint: Fingerprint,
+    steps: HashMap<String, Bytes>,
+    expires_at: Instant,
+    /// What this journal counts against the capacity.
+    cost: usize,
+}
+
+/// What a journal costs besides its steps: its slot in the map.
+const JOURNAL_SLOT: usize = size_of::<(RecordKey, Journal)>() + 1;
+/// What one journaled step costs besides its name and entry.
+const STEP_SLOT: usize = size_of::<(String, Bytes)>() + 1;
 
 #[derive(Debug)]
 struct Entry {
@@ -239,6 +259,13 @@ impl MemoryStore {
             let live = e.expires_at > now;
             if !live {
                 freed += e.cost;
+            }
+            live
+        });
+        shard.journals.retain(|_, j| {
+            let live = j.expires_at > now;
+            if !live {
+                freed += j.cost;
             }
             live
         });
@@ -421,6 +448,72 @@ impl Store for MemoryStore {
         if let Some(removed) = shard.records.remove(ticket.key()) {
             self.refund(removed.cost);
         }
+        Ok(Ownership::Held)
+    }
+
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let now = Instant::now();
+        let shard = self.shard(ticket.key());
+        Ok(match shard.journals.get(ticket.key()) {
+            Some(j) if j.expires_at > now && j.fingerprint == *ticket.fingerprint() => j
+                .steps
+                .iter()
+                .map(|(name, entry)| (name.clone(), entry.clone()))
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(ticket.key());
+        if !shard
+            .records
+            .get(ticket.key())
+            .is_some_and(|e| owns(e, ticket, now))
+        {
+            return Ok(Ownership::Lost);
+        }
+        // Like a completion, a step of a claimed request is always journaled, even past the
+        // capacity (its effect already happened); `Steps` bounds each journal.
+        let journal = shard
+            .journals
+            .entry(*ticket.key())
+            .or_insert_with(|| Journal {
+                fingerprint: *ticket.fingerprint(),
+                steps: HashMap::new(),
+                expires_at: now,
+                cost: 0,
+            });
+        if journal.fingerprint != *ticket.fingerprint() || journal.expires_at <= now {
+            // Another request's journal (or an expired one): this request starts its own.
+            self.refund(journal.cost);
+            journal.fingerprint = *ticket.fingerprint();
+            journal.steps.clear();
+            journal.cost = 0;
+        }
+        if journal.cost == 0 {
+            journal.cost = JOURNAL_SLOT;
+            self.charge(JOURNAL_SLOT);
+        }
+        let cost = STEP_SLOT + name.len() + entry.len();
+        if let Some(old) = journal
+            .steps
+            .insert(name.to_owned(), Bytes::copy_from_slice(entry))
+        {
+            let old_cost = STEP_SLOT + name.len() + old.len();
+            self.refund(old_cost);
+            journal.cost -= old_cost;
+        }
+        self.charge(cost);
+        journal.cost += cost;
+        journal.expires_at = expiry(now, ttl);
         Ok(Ownership::Held)
     }
 }
@@ -721,5 +814,45 @@ mod tests {
         store.sweep_all_if_due();
         assert_eq!(used(&store), 0);
         assert!(store.is_empty());
+    }
+
+    /// A journal counts against the capacity while it lives (a release keeps it), a replaced
+    /// journal gives its bytes back, and an expired one is swept to zero.
+    #[tokio::test(start_paused = true)]
+    async fn journals_count_against_the_capacity_until_they_expire() {
+        let store = MemoryStore::new();
+        let t = ticket(5);
+        let ttl = Duration::from_secs(5);
+        assert_eq!(
+            store
+                .claim(&t, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        let held = store.record_step(&t, "charge", b"1234", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        let held = store.record_step(&t, "charge", b"12345678", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        let journal = JOURNAL_SLOT + STEP_SLOT + "charge".len() + 8;
+        assert_eq!(used(&store), SLOT + journal);
+        assert_eq!(store.release(&t).await.expect("releases"), Ownership::Held);
+        assert_eq!(used(&store), journal, "the journal outlives the release");
+        // Another request under the same key replaces it.
+        let other = Ticket::new(*t.key(), Fingerprint::compute("POST", "/p", "", b"[]"));
+        assert_eq!(
+            store
+                .claim(&other, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        let held = store.record_step(&other, "x", b"1", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        assert_eq!(used(&store), SLOT + JOURNAL_SLOT + STEP_SLOT + 2);
+        assert!(store.load_steps(&t).await.expect("loads").is_empty());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        store.sweep_all_if_due();
+        assert_eq!(used(&store), 0);
     }
 }

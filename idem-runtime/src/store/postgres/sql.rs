@@ -17,13 +17,15 @@ pub(super) const MIGRATE_LOCK: i64 = 0x6964_656d_6d69_6772;
 pub(super) const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The schema, for the default table.
 const SCHEMA: &str = include_str!("schema.sql");
+/// The journal of steps' table, for the default table: the migration step after [`SCHEMA`].
+const STEPS_SCHEMA: &str = include_str!("schema_steps.sql");
 
 /// What this build needs of the table, in one place: the schema version [`SCHEMA`] writes into
 /// the table's comment (its last statement's `wanted`), and the columns the statements name.
 /// A migration step added to [`SCHEMA`] bumps `version` (both here and there) and, when it adds
 /// a column the statements use, adds one line to `columns`.
 pub(super) const EXPECTED: ExpectedSchema = ExpectedSchema {
-    version: 3,
+    version: 4,
     columns: &[
         ("key", "bytea"),
         ("fingerprint", "bytea"),
@@ -101,6 +103,16 @@ impl TableName {
         }
     }
 
+    /// The steps table's SQL for this table: [`STEPS_SCHEMA`] with its names replaced.
+    fn steps_schema_sql(&self) -> String {
+        STEPS_SCHEMA
+            .replace("\"idem_records_steps\"", &self.qualified("_steps"))
+            .replace(
+                "\"idem_records_steps_expires_at\"",
+                &format!("\"{}_steps_expires_at\"", self.name),
+            )
+    }
+
     /// The schema SQL for this table: [`SCHEMA`] with its names replaced.
     fn schema_sql(&self) -> String {
         SCHEMA
@@ -132,17 +144,22 @@ pub(super) struct Statements {
     pub(super) complete: String,
     pub(super) release: String,
     pub(super) sweep: String,
+    /// The journal of steps: load one request's, record one step (fenced), sweep.
+    pub(super) load_steps: String,
+    pub(super) record_step: String,
+    pub(super) sweep_steps: String,
     pub(super) schema: String,
     /// What `migrate` runs first, in its transaction: its statement timeout and advisory lock.
     pub(super) migrate_lock: String,
     /// The catalog's view of the table, the claim function and the lease table (`$1` the table, `$2` the claim
     /// function's signature, each as `to_regclass`/`to_regprocedure` read them): whether the
     /// table exists, its comment, its columns and their types, whether `key` alone is unique,
-    /// whether the claim function exists, whether the lease table (`$3`) exists.
+    /// whether the claim function exists, whether the lease table (`$3`) and the steps table
+    /// (`$4`) exist.
     pub(super) inspect: String,
-    /// `$1`, `$2` and `$3` of [`Statements::inspect`]: the table, the claim function, the lease
-    /// table.
-    pub(super) inspect_args: (String, String, String),
+    /// `$1` to `$4` of [`Statements::inspect`]: the table, the claim function, the lease table,
+    /// the steps table.
+    pub(super) inspect_args: (String, String, String, String),
 }
 
 impl Statements {
@@ -155,6 +172,7 @@ impl Statements {
             "greatest(r.expires_at, (SELECT l.expires_at FROM {leases} l \
              WHERE l.key = r.key AND l.owner = r.owner)) > now()"
         );
+        let steps = table.qualified("_steps");
         // The fence of renew, complete and release: this ticket's live pending row.
         let fence = format!(
             "r.key = $1 AND r.state = 'pending' AND r.owner = $2 AND r.fingerprint = $3 AND {live}"
@@ -189,7 +207,35 @@ impl Statements {
                  AND NOT {live} ORDER BY r.expires_at LIMIT $1 FOR UPDATE OF r SKIP LOCKED) \
                  AND r.expires_at < now() AND NOT {live}"
             ),
-            schema: table.schema_sql(),
+            load_steps: format!(
+                "SELECT name, entry FROM {steps} WHERE key = $1 AND fingerprint = $2 \
+                 AND expires_at > now()"
+            ),
+            // One statement: `owner` locks the ticket's live pending row (FOR SHARE: a claim
+            // taking it over waits, or is waited for and then the row no longer matches), and
+            // every other part writes only if it is found. The parts touch disjoint rows: other
+            // requests' steps and expired ones are deleted (an expired journal is never revived),
+            // this request's live steps get the new expiry, and the step itself is inserted or
+            // overwritten (its fingerprint with it).
+            record_step: format!(
+                "WITH owner AS (SELECT 1 FROM {t} r WHERE {fence} FOR SHARE), \
+                 gone AS (DELETE FROM {steps} WHERE key = $1 AND name <> $4 \
+                   AND (fingerprint <> $3 OR expires_at <= now()) \
+                   AND EXISTS (SELECT 1 FROM owner)), \
+                 kept AS (UPDATE {steps} SET expires_at = now() + $6 * interval '1 millisecond' \
+                   WHERE key = $1 AND name <> $4 AND fingerprint = $3 AND expires_at > now() \
+                   AND EXISTS (SELECT 1 FROM owner)) \
+                 INSERT INTO {steps} (key, fingerprint, name, entry, expires_at) \
+                 SELECT $1, $3, $4, $5, now() + $6 * interval '1 millisecond' FROM owner \
+                 ON CONFLICT (key, name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+                 entry = EXCLUDED.entry, expires_at = EXCLUDED.expires_at"
+            ),
+            sweep_steps: format!(
+                "DELETE FROM {steps} WHERE ctid IN (SELECT ctid FROM {steps} \
+                 WHERE expires_at < now() ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 AND expires_at < now()"
+            ),
+            schema: format!("{}\n{}", table.schema_sql(), table.steps_schema_sql()),
             migrate_lock: format!(
                 "SET LOCAL statement_timeout = '{}ms';\nSELECT pg_advisory_xact_lock({MIGRATE_LOCK});",
                 MIGRATE_TIMEOUT.as_millis(),
@@ -199,6 +245,7 @@ impl Statements {
                 t.clone(),
                 format!("{}({})", table.qualified("_claim"), EXPECTED.claim_args),
                 leases.clone(),
+                steps.clone(),
             ),
         }
     }
@@ -220,7 +267,8 @@ SELECT rel IS NOT NULL AS exists,
                 WHERE i.indrelid = rel AND i.indisunique AND i.indnatts = 1
                   AND i.indpred IS NULL AND a.attname = 'key') AS key_unique,
        to_regprocedure($2) IS NOT NULL AS claim,
-       to_regclass($3) IS NOT NULL AS leases
+       to_regclass($3) IS NOT NULL AS leases,
+       to_regclass($4) IS NOT NULL AS steps
   FROM (SELECT to_regclass($1) AS rel) t";
 
 /// The settings of every session of a pool that `PostgresStore::from_url` makes, sent once per
@@ -384,6 +432,12 @@ mod tests {
         let table: TableName = "app.records".parse().expect("valid");
         let sql = table.schema_sql();
         assert!(!sql.contains("\"idem_records"), "{sql}");
+        let steps = table.steps_schema_sql();
+        assert!(!steps.contains("\"idem_records"), "{steps}");
+        assert!(steps.contains("CREATE TABLE IF NOT EXISTS \"app\".\"records_steps\" ("));
+        assert!(steps.contains(
+            "INDEX IF NOT EXISTS \"records_steps_expires_at\" ON \"app\".\"records_steps\""
+        ));
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"app\".\"records\" ("));
         assert!(sql.contains("INDEX IF NOT EXISTS \"records_expires_at\" ON \"app\".\"records\""));
         assert!(sql.contains("FUNCTION \"app\".\"records_claim\"("));

@@ -59,6 +59,7 @@ pub(super) struct Found {
     key_unique: bool,
     claim: bool,
     leases: bool,
+    steps: bool,
 }
 
 impl Found {
@@ -74,7 +75,8 @@ impl Found {
                 sqlx::query(&sql.inspect)
                     .bind(&sql.inspect_args.0)
                     .bind(&sql.inspect_args.1)
-                    .bind(&sql.inspect_args.2),
+                    .bind(&sql.inspect_args.2)
+                    .bind(&sql.inspect_args.3),
             )
             .await?;
         Ok(Self {
@@ -85,6 +87,7 @@ impl Found {
             key_unique: row.try_get(4)?,
             claim: row.try_get(5)?,
             leases: row.try_get(6)?,
+            steps: row.try_get(7)?,
         })
     }
 
@@ -138,6 +141,9 @@ impl Found {
         if !self.leases {
             behind.push(format!("the lease table {table}_leases is missing"));
         }
+        if !self.steps {
+            behind.push(format!("the steps table {table}_steps is missing"));
+        }
         match (shape.is_empty(), behind.is_empty()) {
             (true, true) => Ok(()),
             (true, false) => Err(mismatch(behind, APPLY)),
@@ -170,6 +176,7 @@ mod tests {
             key_unique: true,
             claim: true,
             leases: true,
+            steps: true,
         }
     }
 
