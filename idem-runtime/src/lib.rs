@@ -13,6 +13,8 @@
 //!   `postgres` feature, `PostgresStore`, its builder and `InvalidTableName`, and the
 //!   transactional mode's extractor `PgTransaction` with its `PgTransactionGuard`;
 //! - the caller: [`IdempotencyScope`], [`ScopeId`], [`Unscoped`];
+//! - calls to other systems: the [`Steps`] extractor (journaled steps, recovery points), its
+//!   [`StepError`], and the [`DownstreamKey`] each step sends;
 //! - [`shutdown`]: a graceful stop that waits for running handlers, also those whose client left;
 //! - what a custom store implements and handles: [`Store`], [`Ticket`] (with [`RecordKey`],
 //!   [`Fingerprint`] and [`OwnerToken`]), [`Claim`], [`Ownership`], [`StoreError`],
@@ -37,6 +39,7 @@
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
 //! | `problem` | the `application/problem+json` errors |
+//! | `steps` | [`Steps`]: the journal of a request's calls to other systems, and their [`DownstreamKey`]s |
 //! | `shutdown` | [`shutdown`], and the count of running handlers it waits for |
 //! | `store` | the trait; `store::memory`; `store::redis` with the shared plumbing (`scripts`, `lanes`, `eviction`) below its two sibling stores (`single`, `cluster`); `store::postgres` (feature `postgres`) |
 //!
@@ -62,6 +65,7 @@ mod protocol;
 mod record;
 mod scope;
 mod shutdown;
+mod steps;
 mod store;
 mod waiters;
 
@@ -81,6 +85,7 @@ pub use crate::{
     record::{OwnerToken, StoredResponse},
     scope::{IdempotencyScope, RecordKey, ScopeId, Unscoped},
     shutdown::shutdown,
+    steps::{DownstreamKey, StepError, Steps},
     store::{
         memory::MemoryStore,
         redis::{

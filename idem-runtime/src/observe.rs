@@ -28,6 +28,37 @@ const LEASES_LOST: &str = "idem_leases_lost_total";
 const STORE_ERRORS: &str = "idem_store_errors_total";
 const TOO_LARGE: &str = "idem_responses_too_large_total";
 const SWEPT: &str = "idem_swept_records_total";
+const STEPS: &str = "idem_steps_total";
+
+/// How one journaled step ended: the `outcome` label of `idem_steps_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepOutcome {
+    /// The step ran (and its result was journaled, in an execution that holds a record).
+    Ran,
+    /// The step was answered from the journal without running.
+    Replayed,
+    /// The step ran and failed; its error was not journaled.
+    Failed,
+    /// The step ran, but its journal write was refused: the lease was lost.
+    Refused,
+    /// The step ran, but its result is over the journal's limits: not journaled.
+    TooLarge,
+    /// The journal could not be read or written: the store failed.
+    StoreError,
+}
+
+impl StepOutcome {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ran => "ran",
+            Self::Replayed => "replayed",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::TooLarge => "too_large",
+            Self::StoreError => "store_error",
+        }
+    }
+}
 
 /// A store operation: the `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +67,10 @@ pub(crate) enum Op {
     Renew,
     Complete,
     Release,
+    /// Reading a request's journal of steps.
+    LoadSteps,
+    /// Writing one step's result to the journal.
+    RecordStep,
 }
 
 impl Op {
@@ -45,6 +80,8 @@ impl Op {
             Self::Renew => "renew",
             Self::Complete => "complete",
             Self::Release => "release",
+            Self::LoadSteps => "load_steps",
+            Self::RecordStep => "record_step",
         }
     }
 }
@@ -91,6 +128,11 @@ fn describe() {
             SWEPT,
             Unit::Count,
             "Expired records deleted by a store's sweeper, by store."
+        );
+        describe_counter!(
+            STEPS,
+            Unit::Count,
+            "Journaled steps (Steps::run), by handler and outcome (ran, replayed, failed, refused: the lease was lost, too_large, store_error)."
         );
     });
 }
@@ -198,6 +240,12 @@ pub(crate) fn too_large(handler: &'static str) {
     counter!(TOO_LARGE, "handler" => handler).increment(1);
 }
 
+/// Counts one step by how it ended.
+pub(crate) fn step(handler: &'static str, outcome: StepOutcome) {
+    describe();
+    increment(STEPS, [("handler", handler), ("outcome", outcome.as_str())]);
+}
+
 /// Counts the records a sweep deleted.
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn swept(store: &'static str, records: u64) {
@@ -225,6 +273,7 @@ mod tests {
             too_large("pay");
             swept("postgres", 7);
             waited("pay", Duration::from_millis(20));
+            step("pay", StepOutcome::Replayed);
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -262,6 +311,10 @@ mod tests {
         );
         assert_eq!(
             find(LEASES_LOST, &[("handler", "pay"), ("op", "complete")]),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            find(STEPS, &[("handler", "pay"), ("outcome", "replayed")]),
             &DebugValue::Counter(1)
         );
         assert_eq!(

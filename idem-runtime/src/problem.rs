@@ -51,6 +51,18 @@ pub(crate) enum Problem {
     },
     /// 400: the request body could not be read.
     BadBody,
+    /// 503: a step of the handler (a call to another system) failed; it was not journaled, so
+    /// a retry runs it again (with the same downstream key).
+    StepFailed {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// 503: the request lost its lease while a step ran: its result was not journaled, and
+    /// another execution of the request owns the key now.
+    LeaseLost {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 500: the app is misconfigured (for example, no store registered).
     Misconfigured,
     /// 500: the app is misconfigured in a way only its developer can fix, named in the detail
@@ -82,6 +94,8 @@ impl Problem {
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "unreadable-body",
             Self::Misconfigured | Self::MisconfiguredFix { .. } => "misconfigured",
+            Self::StepFailed { .. } => "step-failed",
+            Self::LeaseLost { .. } => "lease-lost",
         }
     }
 
@@ -103,6 +117,7 @@ impl Problem {
             Self::Misconfigured | Self::MisconfiguredFix { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            Self::StepFailed { .. } | Self::LeaseLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -116,6 +131,8 @@ impl Problem {
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BadBody => "Request body unreadable",
             Self::Misconfigured | Self::MisconfiguredFix { .. } => "Idempotency misconfigured",
+            Self::StepFailed { .. } => "A call to another system failed",
+            Self::LeaseLost { .. } => "Idempotency lease lost",
         }
     }
 
@@ -134,15 +151,18 @@ impl Problem {
             Self::BadBody => "The request body could not be read.".to_owned(),
             Self::Misconfigured => "The server is not configured for idempotent requests.".to_owned(),
             Self::MisconfiguredFix { fix } => (*fix).to_owned(),
+            Self::StepFailed { .. } => "A call this request makes to another system failed; it was not recorded as done. Retry with the same key after the time in `Retry-After`.".to_owned(),
+            Self::LeaseLost { .. } => "This attempt of the request lost its claim on the key while it ran, so its progress was not recorded. Retry with the same key after the time in `Retry-After`.".to_owned(),
         }
     }
 
     /// The `Retry-After` the problem carries, if any.
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::InFlight { retry_after } | Self::StoreUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            Self::InFlight { retry_after }
+            | Self::StoreUnavailable { retry_after }
+            | Self::StepFailed { retry_after }
+            | Self::LeaseLost { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -230,6 +250,20 @@ mod tests {
                 "store-unavailable",
             ),
             (Problem::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
+            (
+                Problem::StepFailed {
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "step-failed",
+            ),
+            (
+                Problem::LeaseLost {
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "lease-lost",
+            ),
         ];
         for (p, status, slug) in cases {
             let v = json(&p);

@@ -24,6 +24,7 @@ use crate::{
     protocol::Claim,
     record::StoredResponse,
     scope::{IdempotencyScope, RecordKey},
+    steps::Execution,
     store::Ticket,
 };
 
@@ -62,6 +63,7 @@ where
         method = %req.method(),
         path = req.path(),
         outcome = field::Empty,
+        resumed = field::Empty,
     );
     adapt::<S, F, Fut>(req, payload, spec, run)
         .instrument(span)
@@ -124,6 +126,7 @@ where
         }
         Ok(None) => {
             record(spec.handler, Outcome::NoKey);
+            Execution::unjournaled(spec.handler).install(&req);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -195,6 +198,7 @@ where
         Err(err) if spec.fail_open => {
             record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
+            Execution::unjournaled(spec.handler).install(&req);
             let resp = run(req, payload_of(body)).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -213,6 +217,15 @@ where
     // finishes, so a retry finds the result (see `RunToEnd`), and `idem::shutdown` waits for it.
     // Until it settles: the span of a handler still running (or that never returns) says so.
     Span::current().record("outcome", Outcome::Executed.as_str());
+    // The execution's journal of steps, for `Steps`.
+    Execution::journaled(
+        spec.handler,
+        Arc::clone(&settings.store),
+        ticket.clone(),
+        policy.ttl,
+        policy.lease,
+    )
+    .install(&req);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;

@@ -12,11 +12,13 @@ use std::{
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Ownership, Store, StoreError, Ticket};
 use crate::{
     config::Idempotency,
+    fingerprint::Fingerprint,
     protocol::{classify, Claim},
     record::{Record, StoredResponse},
     scope::RecordKey,
@@ -60,8 +62,26 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Shard {
     records: HashMap<RecordKey, Entry>,
+    /// The journals of steps, beside the records: a release deletes the record and keeps its
+    /// journal (so the retry resumes); each expires on its own, `ttl` after its last write.
+    journals: HashMap<RecordKey, Journal>,
     inserts: u32,
 }
+
+/// One request's journal of steps (see `Steps`).
+#[derive(Debug)]
+struct Journal {
+    fingerprint: Fingerprint,
+    steps: HashMap<String, Bytes>,
+    expires_at: Instant,
+    /// What this journal counts against the capacity.
+    cost: usize,
+}
+
+/// What a journal costs besides its steps: its slot in the map.
+const JOURNAL_SLOT: usize = size_of::<(RecordKey, Journal)>() + 1;
+/// What one journaled step costs besides its name and entry.
+const STEP_SLOT: usize = size_of::<(String, Bytes)>() + 1;
 
 #[derive(Debug)]
 struct Entry {
@@ -173,6 +193,13 @@ impl MemoryStore {
             let live = e.expires_at > now;
             if !live {
                 freed += e.cost;
+            }
+            live
+        });
+        shard.journals.retain(|_, j| {
+            let live = j.expires_at > now;
+            if !live {
+                freed += j.cost;
             }
             live
         });
@@ -355,6 +382,72 @@ impl Store for MemoryStore {
         if let Some(removed) = shard.records.remove(ticket.key()) {
             self.refund(removed.cost);
         }
+        Ok(Ownership::Held)
+    }
+
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let now = Instant::now();
+        let shard = self.shard(ticket.key());
+        Ok(match shard.journals.get(ticket.key()) {
+            Some(j) if j.expires_at > now && j.fingerprint == *ticket.fingerprint() => j
+                .steps
+                .iter()
+                .map(|(name, entry)| (name.clone(), entry.clone()))
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(ticket.key());
+        if !shard
+            .records
+            .get(ticket.key())
+            .is_some_and(|e| owns(e, ticket, now))
+        {
+            return Ok(Ownership::Lost);
+        }
+        // Like a completion, a step of a claimed request is always journaled, even past the
+        // capacity (its effect already happened); `Steps` bounds each journal.
+        let journal = shard
+            .journals
+            .entry(*ticket.key())
+            .or_insert_with(|| Journal {
+                fingerprint: *ticket.fingerprint(),
+                steps: HashMap::new(),
+                expires_at: now,
+                cost: 0,
+            });
+        if journal.fingerprint != *ticket.fingerprint() || journal.expires_at <= now {
+            // Another request's journal (or an expired one): this request starts its own.
+            self.refund(journal.cost);
+            journal.fingerprint = *ticket.fingerprint();
+            journal.steps.clear();
+            journal.cost = 0;
+        }
+        if journal.cost == 0 {
+            journal.cost = JOURNAL_SLOT;
+            self.charge(JOURNAL_SLOT);
+        }
+        let cost = STEP_SLOT + name.len() + entry.len();
+        if let Some(old) = journal
+            .steps
+            .insert(name.to_owned(), Bytes::copy_from_slice(entry))
+        {
+            let old_cost = STEP_SLOT + name.len() + old.len();
+            self.refund(old_cost);
+            journal.cost -= old_cost;
+        }
+        self.charge(cost);
+        journal.cost += cost;
+        journal.expires_at = expiry(now, ttl);
         Ok(Ownership::Held)
     }
 }

@@ -8,6 +8,7 @@
 use std::{fmt, time::Duration};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::{
     fingerprint::Fingerprint,
@@ -122,6 +123,16 @@ pub enum StoreError {
     /// The store answered something the protocol does not allow.
     #[error("the idempotency store answered unexpectedly: {0}")]
     Protocol(String),
+    /// The store does not keep a journal of steps: a [`Store`] that does not implement
+    /// [`Store::load_steps`] and [`Store::record_step`] refuses every `Steps::run`.
+    #[error(
+        "the idempotency store `{store}` does not journal steps: implement `Store::load_steps` \
+         and `Store::record_step`, or use a built-in store"
+    )]
+    StepsUnsupported {
+        /// The store's [`Store::kind`].
+        store: &'static str,
+    },
 }
 
 impl From<DecodeError> for StoreError {
@@ -182,6 +193,46 @@ pub trait Store: std::any::Any + Send + Sync + 'static {
     ///
     /// [`StoreError`] when the store fails.
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError>;
+
+    /// The journal of steps of the ticket's request (see `Steps`): every step recorded under the
+    /// ticket's record address **with the ticket's fingerprint**, as `(name, entry)` in any
+    /// order, the entries exactly as [`record_step`](Self::record_step) was given them. A journal
+    /// written under another fingerprint is not this request's: answer it as empty. One read,
+    /// not fenced (a claimed request reads its own journal before its first step).
+    ///
+    /// The default refuses with [`StoreError::StepsUnsupported`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails, or does not journal steps.
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let _ = ticket;
+        Err(StoreError::StepsUnsupported { store: self.kind() })
+    }
+
+    /// Records one step's `entry` (opaque bytes, versioned by idem) under `name` in the journal
+    /// of the ticket's record address, **fenced**: only while the record is the live pending
+    /// record of this ticket (same owner token), as one atomic operation; otherwise it changes
+    /// nothing and answers [`Ownership::Lost`]. A journal held under another fingerprint is
+    /// replaced by one holding only this step. The journal then expires `ttl` from now, and is
+    /// kept when the record is released (so the retry resumes). Writing the same entry again
+    /// (a call re-sent after a broken connection) answers [`Ownership::Held`].
+    ///
+    /// The default refuses with [`StoreError::StepsUnsupported`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails, or does not journal steps.
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let _ = (ticket, name, entry, ttl);
+        Err(StoreError::StepsUnsupported { store: self.kind() })
+    }
 
     /// A short, fixed name for the store, the `store` label of idem's metrics (`memory`, `redis`,
     /// `redis_cluster`, `postgres` for the built-in stores).
