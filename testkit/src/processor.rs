@@ -12,6 +12,7 @@
 //! - **402** `{"error": "card_declined"}` for the destination `decline` (no charge; the answer is
 //!   kept for the key like any other);
 //! - **409** while a request with the same key is still being answered;
+//! - **500** without charging while it is told to fail ([`FakeProcessor::set_failing`]);
 //! - **400** for a key sent again with another body (the processor refuses to guess), a body that
 //!   is not such JSON, or a request that is not `POST /charges`.
 //!
@@ -107,6 +108,7 @@ struct State {
     requests: Vec<Request>,
     stats: ProcessorStats,
     latency: (Duration, Duration),
+    failing: bool,
     rng: StdRng,
 }
 
@@ -142,6 +144,7 @@ impl FakeProcessor {
             requests: Vec::new(),
             stats: ProcessorStats::default(),
             latency: (Duration::ZERO, Duration::ZERO),
+            failing: false,
             rng: StdRng::seed_from_u64(0x0c4a_46e5),
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -182,6 +185,11 @@ impl FakeProcessor {
     pub fn set_latency(&self, min: Duration, max: Duration) {
         assert!(min <= max, "latency {min:?} > {max:?}");
         self.lock().latency = (min, max);
+    }
+
+    /// While `failing`, every charge request is answered 500 and charges nothing (an outage).
+    pub fn set_failing(&self, failing: bool) {
+        self.lock().failing = failing;
     }
 
     /// Every charge made so far, in order.
@@ -245,6 +253,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
         201 => "Created",
         402 => "Payment Required",
         409 => "Conflict",
+        500 => "Internal Server Error",
         404 => "Not Found",
         _ => "Bad Request",
     };
@@ -348,6 +357,9 @@ fn answer(state: &Mutex<State>, head: &str, body: &[u8]) -> (u16, String) {
                     .to_owned(),
             );
         };
+        if s.failing {
+            return finish(&mut s, 500, r#"{"error":"processor_failure"}"#.to_owned());
+        }
         if let Some(k) = &key {
             match s.by_key.get(k) {
                 Some(Entry::InFlight { .. }) => {
@@ -464,11 +476,15 @@ mod tests {
         assert_eq!(charge(p.addr(), Some("k2"), "decline").0, 402);
         assert_eq!(charge(p.addr(), None, "acct_1").0, 201);
         assert_eq!(charge(p.addr(), None, "acct_1").0, 201);
+        p.set_failing(true);
+        assert_eq!(charge(p.addr(), Some("k3"), "acct_1").0, 500);
+        p.set_failing(false);
+        assert_eq!(charge(p.addr(), Some("k3"), "acct_1").0, 201);
         let stats = p.stats();
-        assert_eq!(stats.charges, 3);
+        assert_eq!(stats.charges, 4);
         assert_eq!(stats.replays, 2);
         assert_eq!(stats.declines, 1);
-        assert_eq!(p.charges().len(), 3);
+        assert_eq!(p.charges().len(), 4);
     }
 
     #[test]
