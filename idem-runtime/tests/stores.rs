@@ -166,6 +166,59 @@ mod redis_only {
         assert_eq!(replays, [("set".to_owned(), 50)].into(), "{replays:?}");
     }
 
+    /// The journal of steps costs one `HGETALL` per execution (its first step) and one `EVALSHA`
+    /// per step that runs; the step script's inner calls are counted too.
+    #[tokio::test]
+    async fn a_step_is_one_evalsha_and_an_execution_one_hgetall() {
+        let server = RedisServer::start();
+        let store = store(&server, Duration::from_secs(2));
+        for lane in 0..4 {
+            let t = ticket("warm", &format!("w{lane}"), b"{}");
+            store.claim(&t, LEASE).await.expect("claim");
+            let held = store.record_step(&t, "a", b"x", TTL).await.expect("step");
+            assert_eq!(held, Ownership::Held);
+            let done = store.complete(&t, &response(b"warm"), TTL).await;
+            assert_eq!(done.expect("complete"), Ownership::Held);
+        }
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        for i in 0..20 {
+            let t = ticket("alice", &format!("k{i}"), b"{}");
+            assert_eq!(
+                store.claim(&t, LEASE).await.expect("claim"),
+                Claim::Acquired
+            );
+            assert!(store.load_steps(&t).await.expect("load").is_empty());
+            let held = store
+                .record_step(&t, "charge", b"\x01O{}", TTL)
+                .await
+                .expect("step");
+            assert_eq!(held, Ownership::Held);
+            let done = store
+                .complete(&t, &response(b"paid"), TTL)
+                .await
+                .expect("complete");
+            assert_eq!(done, Ownership::Held);
+        }
+        // Per request: SET (claim), HGETALL (load), EVALSHA (step: GET, HGET, DEL of a journal
+        // that is not this request's, HSET, PEXPIRE), EVALSHA (complete: GET, SET).
+        let stats = calls(&server);
+        let want = [
+            ("set", 40),
+            ("hgetall", 20),
+            ("evalsha", 40),
+            ("get", 40),
+            ("hget", 20),
+            ("del", 20),
+            ("hset", 20),
+            ("pexpire", 20),
+        ];
+        assert_eq!(
+            stats,
+            want.map(|(n, c)| (n.to_owned(), c)).into(),
+            "{stats:?}"
+        );
+    }
+
     /// On a server older than Redis 7.0 the store claims with the Lua script: one `EVALSHA`.
     #[tokio::test]
     async fn the_lua_claim_is_one_evalsha_and_nothing_else() {

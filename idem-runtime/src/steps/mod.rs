@@ -559,3 +559,83 @@ fn decode<T: DeserializeOwned, E>(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{
+        fingerprint::Fingerprint, protocol::Claim, record::StoredResponse, scope::RecordKey,
+        store::memory::MemoryStore,
+    };
+
+    /// A custom store that implements only the record calls.
+    struct RecordsOnly(MemoryStore);
+
+    #[async_trait]
+    impl Store for RecordsOnly {
+        async fn claim(&self, t: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+            self.0.claim(t, lease).await
+        }
+        async fn renew(&self, t: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
+            self.0.renew(t, lease).await
+        }
+        async fn complete(
+            &self,
+            t: &Ticket,
+            r: &StoredResponse,
+            ttl: Duration,
+        ) -> Result<Ownership, StoreError> {
+            self.0.complete(t, r, ttl).await
+        }
+        async fn release(&self, t: &Ticket) -> Result<Ownership, StoreError> {
+            self.0.release(t).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_journal_refuses_with_the_fix() {
+        let store = RecordsOnly(MemoryStore::new());
+        let t = Ticket::new(
+            RecordKey::from_bytes([1; 32]),
+            Fingerprint::compute("POST", "/p", "", b""),
+        );
+        let refused = store.load_steps(&t).await.expect_err("refused");
+        assert!(matches!(
+            refused,
+            StoreError::StepsUnsupported { store: "custom" }
+        ));
+        assert!(
+            refused.to_string().contains("Store::load_steps"),
+            "{refused}"
+        );
+        let refused = store
+            .record_step(&t, "a", b"x", Duration::from_secs(1))
+            .await
+            .expect_err("refused");
+        assert!(matches!(refused, StoreError::StepsUnsupported { .. }));
+    }
+
+    #[test]
+    fn entries_are_versioned_and_read_back() {
+        let entry = encode(KIND_OK, &vec![1, 2]).expect("encodes");
+        assert_eq!(&entry[..2], &[ENTRY_V1, KIND_OK]);
+        let codec = ErrCodec::<String>::json();
+        let back: Result<Vec<i32>, String> = decode("s", &entry, Some(&codec)).expect("decodes");
+        assert_eq!(back, Ok(vec![1, 2]));
+        let err = (codec.encode)(&"declined".to_owned()).expect("encodes");
+        let back: Result<Vec<i32>, String> = decode("s", &err, Some(&codec)).expect("decodes");
+        assert_eq!(back, Err("declined".to_owned()));
+        // A journaled error read by `run` (no codec): misuse, not a silent success.
+        assert!(matches!(
+            decode::<Vec<i32>, String>("s", &err, None),
+            Err(StepError::Misuse(_))
+        ));
+        // An unknown version: corrupt.
+        assert!(matches!(
+            decode::<Vec<i32>, String>("s", &[9, KIND_OK, b'1'], Some(&codec)),
+            Err(StepError::Store(StoreError::Corrupt(_)))
+        ));
+    }
+}

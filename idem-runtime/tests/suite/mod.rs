@@ -398,6 +398,166 @@ pub async fn corrupt_stored_values_are_errors(h: Harness) {
     }
 }
 
+fn sorted(mut steps: Vec<(String, Bytes)>) -> Vec<(String, Bytes)> {
+    steps.sort();
+    steps
+}
+
+fn step(name: &str, entry: &'static [u8]) -> (String, Bytes) {
+    (name.to_owned(), Bytes::from_static(entry))
+}
+
+async fn record(h: &Harness, t: &Ticket, name: &str, entry: &[u8], ttl: Duration) -> Ownership {
+    h.store
+        .record_step(t, name, entry, ttl)
+        .await
+        .expect("record_step")
+}
+
+async fn load(h: &Harness, t: &Ticket) -> Vec<(String, Bytes)> {
+    sorted(h.store.load_steps(t).await.expect("load_steps"))
+}
+
+/// Steps are found by name, byte for byte, and a release (a 5xx) keeps them for the retry.
+pub async fn steps_are_journaled_and_kept_across_a_release(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    assert!(load(&h, &t).await.is_empty());
+    let binary: &'static [u8] = b"\x01O{\"id\":\"ch_1\"}\x00\xff";
+    assert_eq!(record(&h, &t, "charge", binary, TTL).await, Ownership::Held);
+    assert_eq!(
+        record(&h, &t, "email", b"\x01O1", TTL).await,
+        Ownership::Held
+    );
+    assert_eq!(
+        load(&h, &t).await,
+        vec![step("charge", binary), step("email", b"\x01O1")]
+    );
+    assert_eq!(h.store.release(&t).await.expect("release"), Ownership::Held);
+    let retry = retry_of(&t);
+    assert_eq!(must_claim(&*h.store, &retry, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        load(&h, &retry).await,
+        vec![step("charge", binary), step("email", b"\x01O1")]
+    );
+    // Another record (scope or key) has its own journal.
+    assert!(load(&h, &ticket("bob", "k1", b"{}")).await.is_empty());
+    assert!(load(&h, &ticket("alice", "k2", b"{}")).await.is_empty());
+}
+
+/// Two owners: the first loses its lease, the second claims; the first can no longer write.
+pub async fn a_stale_owner_never_writes_into_a_newer_owners_journal(h: Harness) {
+    let first = ticket("alice", "k1", b"{}");
+    let short = Duration::from_millis(300);
+    assert_eq!(must_claim(&*h.store, &first, short).await, Claim::Acquired);
+    assert_eq!(
+        record(&h, &first, "a", b"\x01Ofirst", TTL).await,
+        Ownership::Held
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = retry_of(&first);
+    assert_eq!(must_claim(&*h.store, &second, LEASE).await, Claim::Acquired);
+    assert_eq!(load(&h, &second).await, vec![step("a", b"\x01Ofirst")]);
+    // The stale first owner: refused, nothing written.
+    assert_eq!(
+        record(&h, &first, "b", b"\x01Ostale", TTL).await,
+        Ownership::Lost
+    );
+    assert_eq!(
+        record(&h, &first, "a", b"\x01Ostale", TTL).await,
+        Ownership::Lost
+    );
+    assert_eq!(
+        record(&h, &second, "b", b"\x01Osecond", TTL).await,
+        Ownership::Held
+    );
+    assert_eq!(
+        load(&h, &second).await,
+        vec![step("a", b"\x01Ofirst"), step("b", b"\x01Osecond")]
+    );
+}
+
+/// A request with another fingerprint (the key reused after a release) never sees the journal,
+/// and its first step replaces it.
+pub async fn another_fingerprint_never_sees_the_journal_and_replaces_it(h: Harness) {
+    let t = ticket("alice", "k1", b"{\"amount\":100}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        record(&h, &t, "charge", b"\x01O100", TTL).await,
+        Ownership::Held
+    );
+    assert_eq!(h.store.release(&t).await.expect("release"), Ownership::Held);
+    let other = ticket("alice", "k1", b"{\"amount\":200}");
+    assert!(load(&h, &other).await.is_empty());
+    assert_eq!(must_claim(&*h.store, &other, LEASE).await, Claim::Acquired);
+    assert!(load(&h, &other).await.is_empty());
+    assert_eq!(
+        record(&h, &other, "refund", b"\x01O200", TTL).await,
+        Ownership::Held
+    );
+    assert_eq!(load(&h, &other).await, vec![step("refund", b"\x01O200")]);
+    assert_eq!(
+        h.store.release(&other).await.expect("release"),
+        Ownership::Held
+    );
+    let again = retry_of(&t);
+    assert_eq!(must_claim(&*h.store, &again, LEASE).await, Claim::Acquired);
+    assert!(load(&h, &again).await.is_empty());
+}
+
+/// A step written again (a call re-sent after its answer was lost) is held, and stays one step.
+pub async fn a_step_written_again_is_the_same_step(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    for _ in 0..3 {
+        assert_eq!(
+            record(&h, &t, "charge", b"\x01Oa", TTL).await,
+            Ownership::Held
+        );
+    }
+    assert_eq!(load(&h, &t).await, vec![step("charge", b"\x01Oa")]);
+}
+
+/// The journal lives as long as its ttl from its last write, record or not.
+pub async fn a_journal_expires_after_its_ttl(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    let ttl = Duration::from_millis(300);
+    assert_eq!(
+        record(&h, &t, "charge", b"\x01Oa", ttl).await,
+        Ownership::Held
+    );
+    assert_eq!(h.store.release(&t).await.expect("release"), Ownership::Held);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let retry = retry_of(&t);
+    assert_eq!(must_claim(&*h.store, &retry, LEASE).await, Claim::Acquired);
+    assert!(load(&h, &retry).await.is_empty());
+    for ttl in (h.ttls)().await {
+        assert!(ttl.is_some(), "a key without expiry");
+    }
+}
+
+/// No record, a completed record, a released one: a step write is refused and changes nothing.
+pub async fn steps_need_a_live_pending_record(h: Harness) {
+    let t = ticket("alice", "k1", b"{}");
+    assert_eq!(record(&h, &t, "a", b"\x01Oa", TTL).await, Ownership::Lost);
+    assert_eq!(must_claim(&*h.store, &t, LEASE).await, Claim::Acquired);
+    assert_eq!(
+        h.store
+            .complete(&t, &response(b"ok"), TTL)
+            .await
+            .expect("complete"),
+        Ownership::Held
+    );
+    assert_eq!(record(&h, &t, "b", b"\x01Ob", TTL).await, Ownership::Lost);
+    let u = ticket("alice", "k2", b"{}");
+    assert_eq!(must_claim(&*h.store, &u, LEASE).await, Claim::Acquired);
+    assert_eq!(h.store.release(&u).await.expect("release"), Ownership::Held);
+    assert_eq!(record(&h, &u, "c", b"\x01Oc", TTL).await, Ownership::Lost);
+    assert!(load(&h, &t).await.is_empty());
+    assert!(load(&h, &u).await.is_empty());
+}
+
 /// Instantiates the suite for one backend: `suite!(memory, harness_expr)`, where the expression
 /// is a future yielding a [`Harness`]. Backends that hold encoded bytes add
 /// `; corrupt_stored_values_are_errors`.
@@ -419,6 +579,12 @@ macro_rules! suite {
                 completed_records_expire_after_their_ttl,
                 every_key_has_a_ttl_within_bounds,
                 hundreds_of_concurrent_claims_yield_one_owner,
+                steps_are_journaled_and_kept_across_a_release,
+                a_stale_owner_never_writes_into_a_newer_owners_journal,
+                another_fingerprint_never_sees_the_journal_and_replaces_it,
+                a_step_written_again_is_the_same_step,
+                a_journal_expires_after_its_ttl,
+                steps_need_a_live_pending_record,
                 $($($extra,)*)?
             );
         }

@@ -265,7 +265,8 @@ impl PostgresStore {
     }
 
     /// The SQL that [`PostgresStore::migrate`] runs for this store's table: the table, its expiry
-    /// index and the claim function, each created only if missing (the function is replaced).
+    /// index and the claim function, each created only if missing (the function is replaced),
+    /// then the journal of steps' table `<table>_steps` and its expiry index.
     pub fn schema_sql(&self) -> &str {
         &self.inner.sql.schema
     }
@@ -318,6 +319,7 @@ impl PostgresStore {
             Extra::None => query,
             Extra::Millis(ms) => query.bind(ms),
             Extra::Completed(record, ms) => query.bind(record).bind(ms),
+            Extra::Step(name, entry, ms) => query.bind(name).bind(entry).bind(ms),
         };
         let result = self.bounded(query.execute(&self.inner.pool)).await?;
         match result.rows_affected() {
@@ -335,6 +337,7 @@ enum Extra<'a> {
     None,
     Millis(i64),
     Completed(&'a [u8], i64),
+    Step(&'a str, &'a [u8], i64),
 }
 
 fn map_err(e: sqlx::Error, timeout: Duration) -> StoreError {
@@ -440,5 +443,41 @@ impl Store for PostgresStore {
     async fn release(&self, ticket: &Ticket) -> Result<Ownership, StoreError> {
         self.fenced(&self.inner.sql.release, ticket, Extra::None)
             .await
+    }
+
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let rows = self
+            .bounded(
+                sqlx::query(&self.inner.sql.load_steps)
+                    .bind(&ticket.key().as_bytes()[..])
+                    .bind(&ticket.fingerprint().as_bytes()[..])
+                    .fetch_all(&self.inner.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let column = |e: sqlx::Error| StoreError::Protocol(format!("a bad step row: {e}"));
+                let name: String = row.try_get(0).map_err(column)?;
+                let entry: Vec<u8> = row.try_get(1).map_err(column)?;
+                Ok((name, Bytes::from(entry)))
+            })
+            .collect()
+    }
+
+    /// On the store's pool, never in the request's transaction (`PgTransaction`): a step's
+    /// result commits at once, whether or not the handler's writes commit later.
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        self.fenced(
+            &self.inner.sql.record_step,
+            ticket,
+            Extra::Step(name, entry, sql_millis(ttl)),
+        )
+        .await
     }
 }

@@ -17,6 +17,8 @@ pub(super) const MIGRATE_LOCK: i64 = 0x6964_656d_6d69_6772;
 pub(super) const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The schema, for the default table.
 const SCHEMA: &str = include_str!("schema.sql");
+/// The journal of steps' table, for the default table: the migration step after [`SCHEMA`].
+const STEPS_SCHEMA: &str = include_str!("schema_steps.sql");
 
 /// A table name that is not one or two plain identifiers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +71,16 @@ impl TableName {
         }
     }
 
+    /// The steps table's SQL for this table: [`STEPS_SCHEMA`] with its names replaced.
+    fn steps_schema_sql(&self) -> String {
+        STEPS_SCHEMA
+            .replace("\"idem_records_steps\"", &self.qualified("_steps"))
+            .replace(
+                "\"idem_records_steps_expires_at\"",
+                &format!("\"{}_steps_expires_at\"", self.name),
+            )
+    }
+
     /// The schema SQL for this table: [`SCHEMA`] with its names replaced.
     fn schema_sql(&self) -> String {
         SCHEMA
@@ -99,6 +111,10 @@ pub(super) struct Statements {
     pub(super) complete: String,
     pub(super) release: String,
     pub(super) sweep: String,
+    /// The journal of steps: load one request's, record one step (fenced), sweep.
+    pub(super) load_steps: String,
+    pub(super) record_step: String,
+    pub(super) sweep_steps: String,
     pub(super) schema: String,
     /// The schema after the advisory lock.
     pub(super) migrate: String,
@@ -107,6 +123,7 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(table: &TableName) -> Self {
         let t = table.qualified("");
+        let steps = table.qualified("_steps");
         // The fence of renew, complete and release: this ticket's live pending row.
         let fence = "key = $1 AND state = 'pending' AND owner = $2 AND fingerprint = $3 \
                      AND expires_at > now()";
@@ -130,11 +147,38 @@ impl Statements {
                 "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires_at < now() \
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AND expires_at < now()"
             ),
-            schema: table.schema_sql(),
+            load_steps: format!(
+                "SELECT name, entry FROM {steps} WHERE key = $1 AND fingerprint = $2 \
+                 AND expires_at > now()"
+            ),
+            // One statement: `owner` locks the ticket's live pending row (FOR SHARE: a claim
+            // taking it over waits, or is waited for and then the row no longer matches), and
+            // every other part writes only if it is found. The parts touch disjoint rows: other
+            // requests' steps are deleted, this request's other steps get the new expiry, and the
+            // step itself is inserted or overwritten (its fingerprint with it).
+            record_step: format!(
+                "WITH owner AS (SELECT 1 FROM {t} WHERE {fence} FOR SHARE), \
+                 gone AS (DELETE FROM {steps} WHERE key = $1 AND name <> $4 \
+                   AND fingerprint <> $3 AND EXISTS (SELECT 1 FROM owner)), \
+                 kept AS (UPDATE {steps} SET expires_at = now() + $6 * interval '1 millisecond' \
+                   WHERE key = $1 AND name <> $4 AND fingerprint = $3 \
+                   AND EXISTS (SELECT 1 FROM owner)) \
+                 INSERT INTO {steps} (key, fingerprint, name, entry, expires_at) \
+                 SELECT $1, $3, $4, $5, now() + $6 * interval '1 millisecond' FROM owner \
+                 ON CONFLICT (key, name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+                 entry = EXCLUDED.entry, expires_at = EXCLUDED.expires_at"
+            ),
+            sweep_steps: format!(
+                "DELETE FROM {steps} WHERE ctid IN (SELECT ctid FROM {steps} \
+                 WHERE expires_at < now() ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 AND expires_at < now()"
+            ),
+            schema: format!("{}\n{}", table.schema_sql(), table.steps_schema_sql()),
             migrate: format!(
-                "SET LOCAL statement_timeout = '{}ms';\nSELECT pg_advisory_xact_lock({MIGRATE_LOCK});\n{}",
+                "SET LOCAL statement_timeout = '{}ms';\nSELECT pg_advisory_xact_lock({MIGRATE_LOCK});\n{}\n{}",
                 MIGRATE_TIMEOUT.as_millis(),
-                table.schema_sql()
+                table.schema_sql(),
+                table.steps_schema_sql()
             ),
         }
     }
@@ -198,6 +242,12 @@ mod tests {
         let table: TableName = "app.records".parse().expect("valid");
         let sql = table.schema_sql();
         assert!(!sql.contains("\"idem_records"), "{sql}");
+        let steps = table.steps_schema_sql();
+        assert!(!steps.contains("\"idem_records"), "{steps}");
+        assert!(steps.contains("CREATE TABLE IF NOT EXISTS \"app\".\"records_steps\" ("));
+        assert!(steps.contains(
+            "INDEX IF NOT EXISTS \"records_steps_expires_at\" ON \"app\".\"records_steps\""
+        ));
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"app\".\"records\" ("));
         assert!(sql.contains("INDEX IF NOT EXISTS \"records_expires_at\" ON \"app\".\"records\""));
         assert!(sql.contains("FUNCTION \"app\".\"records_claim\"("));

@@ -8,7 +8,8 @@ use crate::store::StoreError;
 
 impl PostgresStore {
     /// Deletes up to one batch of expired rows (oldest first), skipping rows a claim is taking
-    /// over, and returns how many it deleted. The sweeper calls it; so can a cron job.
+    /// over, then up to one batch of expired steps (the journal's table), and returns how many
+    /// rows it deleted. The sweeper calls it; so can a cron job.
     ///
     /// # Errors
     ///
@@ -21,8 +22,16 @@ impl PostgresStore {
                     .execute(&self.inner.pool),
             )
             .await?;
-        crate::observe::swept("postgres", result.rows_affected());
-        Ok(result.rows_affected())
+        let steps = self
+            .bounded(
+                sqlx::query(&self.inner.sql.sweep_steps)
+                    .bind(i64::from(self.inner.sweep_batch))
+                    .execute(&self.inner.pool),
+            )
+            .await?;
+        let rows = result.rows_affected() + steps.rows_affected();
+        crate::observe::swept("postgres", rows);
+        Ok(rows)
     }
 
     /// Starts the sweeper if it is enabled, not started yet, and a tokio runtime is running.

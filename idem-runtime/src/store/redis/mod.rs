@@ -30,6 +30,7 @@ mod eviction;
 mod lanes;
 pub(crate) mod scripts;
 mod single;
+mod steps;
 
 pub use self::cluster::{NotReplicated, RedisClusterStore, RedisClusterStoreBuilder};
 pub use self::eviction::EvictionRisk;

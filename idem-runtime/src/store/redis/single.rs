@@ -10,6 +10,7 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use deadpool_redis::{
     redis::{ErrorKind, ServerErrorKind, Value},
     Pool, Runtime,
@@ -22,6 +23,7 @@ use super::{
         native_claim, parse_claim, parse_native_claim, parse_ownership, refuses_native_claim, Arg,
         ClaimMode, Lua, Scripts,
     },
+    steps::{load_command, parse_load, STEP_SCRIPT},
     KeyFormat, Options,
 };
 use crate::{
@@ -280,6 +282,51 @@ impl Store for RedisStore {
         let args = [Arg::Bytes(ticket.pending_record())];
         let value = self
             .eval(&self.inner.scripts.release, ticket, &args)
+            .await?;
+        parse_ownership(&value)
+    }
+
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let cmd = self.inner.keys.with_bytes(ticket.key(), load_command);
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        let value = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                cmd.query_async::<Value>(&mut conn).await
+            })
+            .await?;
+        parse_load(value, ticket)
+    }
+
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let step = &*STEP_SCRIPT;
+        let cmd = self.inner.keys.with_bytes(ticket.key(), |key| {
+            step.command(false, key, ticket, name, entry, ttl)
+        });
+        let cmd = &cmd;
+        let timeout = self.inner.timeout;
+        let value = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                conn.set_response_timeout(timeout);
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        step.script().load_async(&mut conn).await?;
+                        cmd.query_async::<Value>(&mut conn).await
+                    }
+                    answer => answer,
+                }
+            })
             .await?;
         parse_ownership(&value)
     }

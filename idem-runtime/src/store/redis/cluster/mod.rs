@@ -44,6 +44,7 @@ pub use self::builder::RedisClusterStoreBuilder;
 use self::builder::WaitForReplicas;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use deadpool_redis::{
     cluster::Pool,
     redis::{
@@ -61,6 +62,7 @@ use super::{
         millis, native_claim, parse_claim, parse_native_claim, parse_ownership,
         refuses_native_claim, Arg, ClaimMode, Lua, Scripts,
     },
+    steps::{load_command, parse_load, STEP_SCRIPT},
     KeyFormat, Options,
 };
 use crate::{
@@ -414,5 +416,73 @@ impl Store for RedisClusterStore {
             .eval(&self.inner.scripts.release, ticket, &args, None)
             .await?;
         parse_ownership(&value)
+    }
+
+    async fn load_steps(&self, ticket: &Ticket) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let (cmd, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            (load_command(key), Route::with_key(key, SlotAddr::Master))
+        });
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
+        let cmd = &cmd;
+        let mut values = self
+            .inner
+            .lanes
+            .run(self.inner.timeout, |mut conn| async move {
+                send(&mut conn, cmd, None, route).await
+            })
+            .await?
+            .into_iter();
+        let value = values
+            .next()
+            .ok_or_else(|| StoreError::Protocol("the cluster answered nothing".into()))?
+            .extract_error()
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        parse_load(value, ticket)
+    }
+
+    /// On the master of the record's slot, pipelined with `WAIT` under `wait_for_replicas` (a
+    /// step's result is as precious as a completion); `NOSCRIPT` is answered with `EVAL`, routed
+    /// by the same key.
+    async fn record_step(
+        &self,
+        ticket: &Ticket,
+        name: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let step = &*STEP_SCRIPT;
+        let wait = self.inner.wait;
+        let timeout = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w.timeout);
+        let (evalsha, eval, route) = self.inner.keys.with_bytes(ticket.key(), |key| {
+            (
+                step.command(false, key, ticket, name, entry, ttl),
+                step.command(true, key, ticket, name, entry, ttl),
+                Route::with_key(key, SlotAddr::Master),
+            )
+        });
+        let route = &SingleNodeRoutingInfo::SpecificNode(route);
+        let (evalsha, eval) = (&evalsha, &eval);
+        let mut values = self
+            .inner
+            .lanes
+            .run(timeout, |mut conn| async move {
+                let values = send(&mut conn, evalsha, wait, route).await?;
+                if values.first().is_some_and(is_noscript) {
+                    return send(&mut conn, eval, wait, route).await;
+                }
+                Ok(values)
+            })
+            .await?
+            .into_iter();
+        let value = values
+            .next()
+            .ok_or_else(|| StoreError::Protocol("the cluster answered nothing".into()))?
+            .extract_error()
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        let ownership = parse_ownership(&value)?;
+        if ownership == Ownership::Held {
+            self.replicated(values.next())?;
+        }
+        Ok(ownership)
     }
 }
