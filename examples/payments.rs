@@ -14,7 +14,8 @@
 //! - `PAYMENTS_DELAY_MS` waits inside the handler before the charge (default 0);
 //!   `PAYMENTS_COMMIT_DELAY_MS` a wait after the payment is written and before the handler
 //!   returns (default 0: in the transactional mode, before the commit); `PAYMENTS_LEASE_MS` sets
-//!   the idempotency lease (default 30 s);
+//!   the idempotency lease (default 30 s); `PAYMENTS_DOWNSTREAM_KEY` (`hand-built` or `none`)
+//!   changes the key the charge sends, for the crash test's comparison only (leave it unset);
 //! - with `DATABASE_URL=postgres://...` (feature `postgres`) the payments live in a Postgres table
 //!   `payments`, created at start: without `REDIS_URL`, the records are in a `PostgresStore` on
 //!   the same database and each payment is written in the same transaction as its completed

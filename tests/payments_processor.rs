@@ -7,6 +7,7 @@ mod common;
 use std::{
     net::SocketAddr,
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use common::{post, raw_request, RawResponse};
@@ -247,4 +248,61 @@ fn the_built_in_processor_charges_once_per_key_and_declines_decline() {
         unavailable["requests"], 1,
         "three executions, one call to the processor"
     );
+}
+
+#[test]
+fn a_key_in_flight_at_the_processor_answers_503_and_the_retry_gets_the_same_charge() {
+    // The processor takes 3 s to answer; the example dies while it does. A new process (an
+    // empty in-memory store: no record, no journal) sends the same downstream key: the key is
+    // derived, not drawn, so it is the same on every instance and after a restart.
+    let processor = FakeProcessor::start();
+    processor.set_latency(Duration::from_secs(3), Duration::from_secs(3));
+    let mut first = Payments::start(Some(&processor.url()));
+    let addr = first.addr;
+    let cut = std::thread::spawn(move || {
+        common::try_request(
+            addr,
+            &post(
+                "/payments",
+                &[
+                    ("authorization", "Bearer alice"),
+                    ("idempotency-key", "pay-1"),
+                ],
+                br#"{"amount":1000,"currency":"EUR","destination":"acct_1"}"#,
+            ),
+            Duration::from_secs(10),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processor.stats().charges == 0 {
+        assert!(Instant::now() < deadline, "no charge arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    assert!(
+        cut.join().expect("client").is_err(),
+        "the first process died"
+    );
+
+    let second = Payments::start(Some(&processor.url()));
+    let busy = second.pay("pay-1", "acct_1");
+    assert_eq!(busy.status, 503, "{}", describe(&busy));
+    assert!(problem_type(&busy).ends_with("/processor-unavailable"));
+    assert_eq!(processor.stats().conflicts, 1, "the processor answered 409");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let paid = loop {
+        let r = second.pay("pay-1", "acct_1");
+        if r.status != 503 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{}", describe(&r));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(paid.status, 201, "{}", describe(&paid));
+    let charges = processor.charges();
+    assert_eq!(charges.len(), 1, "one charge for the two processes");
+    assert_eq!(json(&paid)["charge"].as_str(), Some(charges[0].id.as_str()));
+    assert!(processor.stats().replays >= 1);
 }
