@@ -47,6 +47,8 @@ struct Processor {
     reverse: AtomicBool,
     /// Wait this long inside the charge (ms).
     charge_ms: AtomicU64,
+    /// Fail this many charges, then succeed.
+    fail_times: AtomicU64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -81,6 +83,12 @@ impl Processor {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         if self.fail.load(Ordering::SeqCst) {
+            return Err(Down);
+        }
+        let failing = self
+            .fail_times
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
             return Err(Down);
         }
         Ok(Charge {
@@ -229,6 +237,26 @@ async fn twice(p: web::Data<Processor>, steps: Steps) -> Result<HttpResponse, ac
     Ok(HttpResponse::Created().finish())
 }
 
+/// Retries its step in place while it fails (at most 5 times).
+#[idempotent(require_key, scope = Tenant)]
+async fn retrying(p: web::Data<Processor>, steps: Steps) -> Result<HttpResponse, actix_web::Error> {
+    let pp: &Processor = &p;
+    for _ in 0..5 {
+        match steps
+            .run(
+                "charge",
+                |key| async move { pp.charge("charge", &key).await },
+            )
+            .await
+        {
+            Ok(charge) => return Ok(HttpResponse::Created().json(charge)),
+            Err(idem::StepError::Failed(Down)) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(HttpResponse::ServiceUnavailable().finish())
+}
+
 /// No `require_key`: a keyless request runs its steps directly.
 #[idempotent(scope = Tenant)]
 async fn optional(p: web::Data<Processor>, steps: Steps) -> Result<HttpResponse, actix_web::Error> {
@@ -265,6 +293,7 @@ async fn service(
             .route("/recorded", web::post().to(recorded))
             .route("/two", web::post().to(two_steps))
             .route("/twice", web::post().to(twice))
+            .route("/retry", web::post().to(retrying))
             .route("/optional", web::post().to(optional))
             .route("/plain", web::post().to(plain)),
     )
@@ -423,6 +452,22 @@ async fn the_same_name_twice_is_refused(kind: Kind) {
     assert_eq!(p.calls(), 1);
 }
 
+/// A step whose error was not journaled may be retried in place, in the same execution, with the
+/// same downstream key; once it succeeded, it is journaled once.
+async fn a_failed_step_may_be_retried_in_place(kind: Kind) {
+    let backend = Backend::new(kind);
+    let p = web::Data::new(Processor::default());
+    let app = service(backend.idem.clone(), p.clone()).await;
+    p.fail_times.store(2, Ordering::SeqCst);
+    let a = send(&app, "/retry", "alice", Some("k-retry")).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    assert_eq!(
+        p.calls_per_key(),
+        vec![3],
+        "two failures and a success, one key"
+    );
+}
+
 /// Downstream keys: one per request and step, different across scopes, keys and handlers; a
 /// keyless request gets a fresh one each time.
 async fn downstream_keys_are_per_request_and_step(kind: Kind) {
@@ -523,6 +568,7 @@ on_every_store!(
     an_unrecorded_error_runs_again,
     steps_are_found_by_name_in_any_order,
     the_same_name_twice_is_refused,
+    a_failed_step_may_be_retried_in_place,
     downstream_keys_are_per_request_and_step,
     steps_outside_an_idempotent_handler_are_a_misconfiguration,
 );

@@ -229,6 +229,17 @@ const ROWS: &[RowDef] = &[
         seed: Seed::None,
     },
     RowDef {
+        id: "idem-redis-step",
+        num: "3s",
+        label: "`#[idempotent]`, RedisStore, unique keys, one journaled step (`Steps::run`)",
+        path: "/redis/step",
+        keys: Keys::Unique,
+        baseline: Some("idem-redis-first"),
+        redis: true,
+        inner: STEP_AND_COMPLETE_SCRIPTS,
+        seed: Seed::None,
+    },
+    RowDef {
         id: "get",
         num: "4a",
         label: "hand-written one `GET` per request, one multiplexed connection per worker",
@@ -273,6 +284,17 @@ const ROWS: &[RowDef] = &[
         seed: Seed::Itself,
     },
     RowDef {
+        id: "idem-redis-step-replay",
+        num: "4s",
+        label: "`#[idempotent]` with one step, RedisStore, one key (replays: the journal is not read)",
+        path: "/redis/step",
+        keys: Keys::Fixed,
+        baseline: Some("idem-redis-replay"),
+        redis: true,
+        inner: NONE,
+        seed: Seed::Itself,
+    },
+    RowDef {
         id: "idem-memory-first",
         num: "5a",
         label: "`#[idempotent]`, MemoryStore, unique keys",
@@ -302,9 +324,11 @@ const DEFAULT_ROWS: &[&str] = &[
     "floor-pool",
     "floor-lua",
     "idem-redis-first",
+    "idem-redis-step",
     "get",
     "get-lua",
     "idem-redis-replay",
+    "idem-redis-step-replay",
     "idem-memory-first",
     "idem-memory-replay",
 ];
@@ -313,6 +337,18 @@ const DEFAULT_ROWS: &[&str] = &[
 const NONE: &[(&str, f64)] = &[];
 /// The completion script runs a `GET` and a `SET` inside its `EVALSHA`.
 const COMPLETE_SCRIPT: &[(&str, f64)] = &[("get", 1.0), ("set", 1.0)];
+
+/// One step's script (`GET` of the record, `HGET` of the journal's fingerprint, `DEL` of a
+/// journal that is not this request's, `HSET`, `PEXPIRE`) inside its `EVALSHA`, then the
+/// completion's; the journal's `HGETALL` is a round trip of its own.
+const STEP_AND_COMPLETE_SCRIPTS: &[(&str, f64)] = &[
+    ("get", 2.0),
+    ("set", 1.0),
+    ("hget", 1.0),
+    ("del", 1.0),
+    ("hset", 1.0),
+    ("pexpire", 1.0),
+];
 
 /// Calls per request, by command name.
 type PerRequest = Vec<(String, f64)>;
@@ -659,9 +695,11 @@ fn check_endpoints(port: u16) -> Result<(), String> {
             return Err(format!("{get} answered {}", r.status));
         }
     }
-    for path in ["/redis/payments", "/memory/payments"] {
-        let first = probe::post(port, path, "check-idem")?;
-        let again = probe::post(port, path, "check-idem")?;
+    for path in ["/redis/payments", "/redis/step", "/memory/payments"] {
+        // A key per endpoint: two endpoints are two requests (another fingerprint).
+        let key = format!("check-idem{}", path.replace('/', "-"));
+        let first = probe::post(port, path, &key)?;
+        let again = probe::post(port, path, &key)?;
         let replayed = again.header("idempotent-replayed") == Some("true");
         if first.status != 201
             || first.header("location").is_none()

@@ -126,7 +126,7 @@ where
         }
         Ok(None) => {
             record(spec.handler, Outcome::NoKey);
-            Execution::unjournaled(spec.handler).install(&req);
+            Arc::new(Execution::unjournaled(spec.handler)).install(&req);
             let resp = run(req, payload.into_inner()).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -198,7 +198,7 @@ where
         Err(err) if spec.fail_open => {
             record(spec.handler, Outcome::StoreErrorFailOpen);
             tracing::warn!(error = %err, "idempotency store unavailable; running the handler without idempotency (fail_open)");
-            Execution::unjournaled(spec.handler).install(&req);
+            Arc::new(Execution::unjournaled(spec.handler)).install(&req);
             let resp = run(req, payload_of(body)).await;
             return txn.finish_unrecorded(resp).await;
         }
@@ -218,14 +218,14 @@ where
     // Until it settles: the span of a handler still running (or that never returns) says so.
     Span::current().record("outcome", Outcome::Executed.as_str());
     // The execution's journal of steps, for `Steps`.
-    Execution::journaled(
+    let steps = Arc::new(Execution::journaled(
         spec.handler,
         Arc::clone(&settings.store),
         ticket.clone(),
         policy.ttl,
         policy.lease,
-    )
-    .install(&req);
+    ));
+    steps.install(&req);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
     let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
@@ -242,6 +242,9 @@ where
             run(req, payload_of(body)),
         )
         .await;
+        if steps.resumed() {
+            Span::current().record("resumed", true);
+        }
         spec.timing.record(started.elapsed());
         settings.waiters.settled(key, fingerprint);
         resp

@@ -27,7 +27,6 @@ use actix_web::{
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::OnceCell;
-use tracing::Span;
 
 mod key;
 
@@ -78,7 +77,8 @@ const KIND_ERR: u8 = b'E';
 /// - [`run_recorded`](Self::run_recorded) journals the step's `Err` too: an outcome (a
 ///   processor's decline), not a fault.
 /// - Steps are found by name, so an execution that reaches them in another order still finds
-///   each; one name twice in one execution is [`StepError::Misuse`].
+///   each; one name twice in one execution is [`StepError::Misuse`], except after an outcome
+///   that was not journaled (an `Err` from `run`, a store failure): the handler may retry it.
 /// - The closure gets the step's [`DownstreamKey`]: send it to the other system as its
 ///   `Idempotency-Key`, so that a crash between its answer and the journal write is a replay on
 ///   its side.
@@ -206,7 +206,6 @@ struct Journal {
     ticket: Ticket,
     ttl: Duration,
     lease: Duration,
-    span: Span,
     /// The entries loaded at the first step.
     loaded: OnceCell<HashMap<String, Bytes>>,
     /// The bytes of the journal (loaded, and written since), against [`Steps::MAX_JOURNAL`].
@@ -229,7 +228,6 @@ impl Execution {
                 ticket,
                 ttl,
                 lease,
-                span: Span::current(),
                 loaded: OnceCell::new(),
                 size: Mutex::new(0),
             }),
@@ -249,8 +247,17 @@ impl Execution {
     }
 
     /// Puts the execution in the request's extensions, for the [`Steps`] extractor.
-    pub(crate) fn install(self, req: &HttpRequest) {
-        req.extensions_mut().insert(Arc::new(self));
+    pub(crate) fn install(self: &Arc<Self>, req: &HttpRequest) {
+        req.extensions_mut().insert(Arc::clone(self));
+    }
+
+    /// Whether a step of this execution found the journal of an earlier one (see
+    /// [`Steps::resumed`]): the adapter records it on the request's span once the handler ran.
+    pub(crate) fn resumed(&self) -> bool {
+        self.journal
+            .as_ref()
+            .and_then(|j| j.loaded.get())
+            .is_some_and(|loaded| !loaded.is_empty())
     }
 }
 
@@ -348,11 +355,7 @@ impl Steps {
     /// Whether this execution resumed a journal left by an earlier one: known once the first
     /// step has read the journal (`false` before, and outside an execution).
     pub fn resumed(&self) -> bool {
-        self.execution
-            .journal
-            .as_ref()
-            .and_then(|j| j.loaded.get())
-            .is_some_and(|loaded| !loaded.is_empty())
+        self.execution.resumed()
     }
 
     /// Runs or replays one step. `errs`: how the step's `Err` is journaled, when it is.
@@ -389,6 +392,9 @@ impl Steps {
         let Some(journal) = &ex.journal else {
             let out = step(key).await;
             observe::step(ex.handler, outcome_of(&out, false));
+            if out.is_err() {
+                ex.forget(name);
+            }
             return Ok(out);
         };
 
@@ -399,6 +405,7 @@ impl Steps {
             .await
             .map_err(|err| {
                 observe::step(ex.handler, StepOutcome::StoreError);
+                ex.forget(name);
                 StepError::Store(err)
             })?;
         if let Some(entry) = loaded.get(name) {
@@ -416,6 +423,7 @@ impl Steps {
         };
         let Some(entry) = entry else {
             observe::step(ex.handler, StepOutcome::Failed);
+            ex.forget(name);
             return Ok(out);
         };
         let entry = entry.map_err(|why| {
@@ -423,9 +431,27 @@ impl Steps {
                 "the output of step {name:?} does not serialise: {why}"
             ))
         })?;
-        journal.record(ex.handler, name, &entry).await?;
+        match journal.record(ex.handler, name, &entry).await {
+            Ok(()) => {}
+            Err(err @ StepError::Store(_)) => {
+                ex.forget(name);
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        }
         observe::step(ex.handler, outcome_of(&out, true));
         Ok(out)
+    }
+}
+
+impl Execution {
+    /// Lets a step whose outcome was not journaled (its error under `run`, a store failure) run
+    /// again in this execution: a retry loop in the handler.
+    fn forget(&self, name: &str) {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
     }
 }
 
@@ -444,9 +470,6 @@ impl Journal {
             observe::timed(Op::LoadSteps, kind, self.store.load_steps(&self.ticket)).await?;
         let size = entries.iter().map(|(n, e)| n.len() + e.len()).sum();
         *self.size.lock().unwrap_or_else(PoisonError::into_inner) = size;
-        if !entries.is_empty() {
-            self.span.record("resumed", true);
-        }
         Ok(entries.into_iter().collect())
     }
 
@@ -490,6 +513,10 @@ impl Journal {
             )
         })
         .await;
+        if !matches!(written, Ok(Ownership::Held)) {
+            let mut size = self.size.lock().unwrap_or_else(PoisonError::into_inner);
+            *size = size.saturating_sub(name.len() + entry.len());
+        }
         match written {
             Ok(Ownership::Held) => Ok(()),
             Ok(Ownership::Lost) => {

@@ -659,4 +659,44 @@ mod tests {
         assert_eq!(used(&store), 0);
         assert!(store.is_empty());
     }
+
+    /// A journal counts against the capacity while it lives (a release keeps it), a replaced
+    /// journal gives its bytes back, and an expired one is swept to zero.
+    #[tokio::test(start_paused = true)]
+    async fn journals_count_against_the_capacity_until_they_expire() {
+        let store = MemoryStore::new();
+        let t = ticket(5);
+        let ttl = Duration::from_secs(5);
+        assert_eq!(
+            store
+                .claim(&t, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        let held = store.record_step(&t, "charge", b"1234", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        let held = store.record_step(&t, "charge", b"12345678", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        let journal = JOURNAL_SLOT + STEP_SLOT + "charge".len() + 8;
+        assert_eq!(used(&store), SLOT + journal);
+        assert_eq!(store.release(&t).await.expect("releases"), Ownership::Held);
+        assert_eq!(used(&store), journal, "the journal outlives the release");
+        // Another request under the same key replaces it.
+        let other = Ticket::new(*t.key(), Fingerprint::compute("POST", "/p", "", b"[]"));
+        assert_eq!(
+            store
+                .claim(&other, Duration::from_secs(1))
+                .await
+                .expect("claims"),
+            Claim::Acquired
+        );
+        let held = store.record_step(&other, "x", b"1", ttl).await;
+        assert_eq!(held.expect("records"), Ownership::Held);
+        assert_eq!(used(&store), SLOT + JOURNAL_SLOT + STEP_SLOT + 2);
+        assert!(store.load_steps(&t).await.expect("loads").is_empty());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        store.sweep_all_if_due();
+        assert_eq!(used(&store), 0);
+    }
 }

@@ -532,6 +532,12 @@ pub async fn a_journal_expires_after_its_ttl(h: Harness) {
     let retry = retry_of(&t);
     assert_eq!(must_claim(&*h.store, &retry, LEASE).await, Claim::Acquired);
     assert!(load(&h, &retry).await.is_empty());
+    // A new step of the same request starts a new journal: the expired steps are not revived.
+    assert_eq!(
+        record(&h, &retry, "email", b"\x01Ob", TTL).await,
+        Ownership::Held
+    );
+    assert_eq!(load(&h, &retry).await, vec![step("email", b"\x01Ob")]);
     for ttl in (h.ttls)().await {
         assert!(ttl.is_some(), "a key without expiry");
     }

@@ -154,14 +154,16 @@ impl Statements {
             // One statement: `owner` locks the ticket's live pending row (FOR SHARE: a claim
             // taking it over waits, or is waited for and then the row no longer matches), and
             // every other part writes only if it is found. The parts touch disjoint rows: other
-            // requests' steps are deleted, this request's other steps get the new expiry, and the
-            // step itself is inserted or overwritten (its fingerprint with it).
+            // requests' steps and expired ones are deleted (an expired journal is never revived),
+            // this request's live steps get the new expiry, and the step itself is inserted or
+            // overwritten (its fingerprint with it).
             record_step: format!(
                 "WITH owner AS (SELECT 1 FROM {t} WHERE {fence} FOR SHARE), \
                  gone AS (DELETE FROM {steps} WHERE key = $1 AND name <> $4 \
-                   AND fingerprint <> $3 AND EXISTS (SELECT 1 FROM owner)), \
+                   AND (fingerprint <> $3 OR expires_at <= now()) \
+                   AND EXISTS (SELECT 1 FROM owner)), \
                  kept AS (UPDATE {steps} SET expires_at = now() + $6 * interval '1 millisecond' \
-                   WHERE key = $1 AND name <> $4 AND fingerprint = $3 \
+                   WHERE key = $1 AND name <> $4 AND fingerprint = $3 AND expires_at > now() \
                    AND EXISTS (SELECT 1 FROM owner)) \
                  INSERT INTO {steps} (key, fingerprint, name, entry, expires_at) \
                  SELECT $1, $3, $4, $5, now() + $6 * interval '1 millisecond' FROM owner \
