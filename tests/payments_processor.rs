@@ -21,6 +21,11 @@ struct Payments {
 
 impl Payments {
     fn start(processor_url: Option<&str>) -> Self {
+        Self::start_with(processor_url, None)
+    }
+
+    /// With `database_url`, the transactional mode (records and payments in that Postgres).
+    fn start_with(processor_url: Option<&str>, database_url: Option<&str>) -> Self {
         let binary = example_binary("payments");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
@@ -38,6 +43,9 @@ impl Payments {
             .stderr(Stdio::inherit());
         if let Some(url) = processor_url {
             cmd.env("PROCESSOR_URL", url);
+        }
+        if let Some(url) = database_url {
+            cmd.env("DATABASE_URL", url);
         }
         let child = cmd
             .spawn()
@@ -305,4 +313,37 @@ fn a_key_in_flight_at_the_processor_answers_503_and_the_retry_gets_the_same_char
     assert_eq!(charges.len(), 1, "one charge for the two processes");
     assert_eq!(json(&paid)["charge"].as_str(), Some(charges[0].id.as_str()));
     assert!(processor.stats().replays >= 1);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn in_the_transactional_mode_the_charge_survives_the_rollback_and_the_row_names_it() {
+    let db = idem_testkit::postgres::PostgresServer::start();
+    let processor = FakeProcessor::start();
+    let app = Payments::start_with(Some(&processor.url()), Some(&db.url()));
+
+    let paid = app.pay("tx-1", "acct_1");
+    assert_eq!(paid.status, 201, "{}", describe(&paid));
+    let charge = json(&paid)["charge"].as_str().expect("charge").to_owned();
+    assert_eq!(
+        db.psql("SELECT charge FROM payments WHERE idempotency_key = 'tx-1'"),
+        charge
+    );
+
+    // `unavailable`: the row is rolled back with the 503 each time, the charge stays journaled.
+    for _ in 0..3 {
+        let r = app.pay("tx-unavailable", "unavailable");
+        assert_eq!(r.status, 503, "{}", describe(&r));
+    }
+    assert_eq!(
+        db.psql("SELECT count(*) FROM payments WHERE idempotency_key = 'tx-unavailable'"),
+        "0"
+    );
+    assert_eq!(processor.stats().charges, 2);
+    assert_eq!(
+        processor.stats().requests,
+        2,
+        "the retries resumed from the journal"
+    );
+    assert_eq!(app.get("/stats")["resumed"].as_u64(), Some(2));
 }
