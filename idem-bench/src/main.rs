@@ -338,14 +338,13 @@ const NONE: &[(&str, f64)] = &[];
 /// The completion script runs a `GET` and a `SET` inside its `EVALSHA`.
 const COMPLETE_SCRIPT: &[(&str, f64)] = &[("get", 1.0), ("set", 1.0)];
 
-/// One step's script (`GET` of the record, `HGET` of the journal's fingerprint, `DEL` of a
-/// journal that is not this request's, `HSET`, `PEXPIRE`) inside its `EVALSHA`, then the
-/// completion's; the journal's `HGETALL` is a round trip of its own.
+/// One step's script (`GET` of the record, `HGET` of the journal's fingerprint, `HSET`,
+/// `PEXPIRE`) inside its `EVALSHA`, then the completion's; the journal's `HGETALL` is a round
+/// trip of its own.
 const STEP_AND_COMPLETE_SCRIPTS: &[(&str, f64)] = &[
     ("get", 2.0),
     ("set", 1.0),
     ("hget", 1.0),
-    ("del", 1.0),
     ("hset", 1.0),
     ("pexpire", 1.0),
 ];

@@ -311,6 +311,56 @@ async fn every_record_is_one_slot_and_scripts_reach_every_master() {
     }
 }
 
+/// The journal of steps lives in its record's slot: across keys spread over every master, the
+/// step script (two keys: the record and `<record>:steps`) never meets `CROSSSLOT`, reaches fresh
+/// masters through `NOSCRIPT` → `EVAL`, and every journal shares its record's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_journal_is_in_its_records_slot_on_every_master() {
+    let cluster = Arc::new(start(3, 0).await);
+    let masters = admin({
+        let c = Arc::clone(&cluster);
+        move || c.masters()
+    })
+    .await;
+    let store = RedisClusterStore::builder(pool(&cluster.urls()))
+        .prefix("steps:")
+        .build();
+    for i in 0..300 {
+        let t = key_ticket("steps", i);
+        assert_eq!(
+            store.claim(&t, LONG_LEASE).await.expect("claim"),
+            Claim::Acquired
+        );
+        let held = store
+            .record_step(&t, "charge", b"\x01O{}", TTL)
+            .await
+            .expect("no store error, no CROSSSLOT");
+        assert_eq!(held, Ownership::Held);
+        assert_eq!(store.load_steps(&t).await.expect("load").len(), 1);
+    }
+    let mut journals = 0;
+    for &port in &masters {
+        let mut conn = node_conn(port).await;
+        for key in scan(&mut conn, "steps:*:steps").await {
+            let record = key.strip_suffix(":steps").expect("a journal key");
+            assert_eq!(
+                key_slot(key.as_bytes()),
+                key_slot(record.as_bytes()),
+                "{key}"
+            );
+            journals += 1;
+        }
+        let s = stats(&cluster, port);
+        assert!(s.get("eval").is_some_and(|&c| c >= 1), "{port}: {s:?}");
+        assert!(s.get("hgetall").is_some_and(|&c| c > 10), "{port}: {s:?}");
+        assert!(
+            !error_stats(&cluster, port).contains_key("CROSSSLOT"),
+            "{port}"
+        );
+    }
+    assert_eq!(journals, 300);
+}
+
 /// What the requests of one traffic run saw.
 #[derive(Default)]
 struct Ledger {

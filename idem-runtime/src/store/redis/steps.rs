@@ -33,7 +33,8 @@ pub(crate) const RECORD_STEP: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-if redis.call('HGET', KEYS[2], 'fp') ~= ARGV[2] then
+local fp = redis.call('HGET', KEYS[2], 'fp')
+if fp and fp ~= ARGV[2] then
   redis.call('DEL', KEYS[2])
 end
 redis.call('HSET', KEYS[2], 'fp', ARGV[2], ARGV[3], ARGV[4])

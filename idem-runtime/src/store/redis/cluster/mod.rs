@@ -5,7 +5,9 @@
 //!
 //! A record is one key, `<prefix>{<32 hex digits>}`: the hex digest is a Redis Cluster hash tag, and
 //! each script names exactly one key, `KEYS[1]`. So every script runs on the one master that owns
-//! the record's slot, and a `CROSSSLOT` error cannot happen (a test checks both).
+//! the record's slot, and a `CROSSSLOT` error cannot happen (a test checks both). The journal of
+//! steps is the key `<prefix>{<32 hex digits>}:steps`, with the same hash tag: the step script
+//! names both keys, in the same slot (the store suite runs it on a cluster).
 //!
 //! # Connections
 //!
