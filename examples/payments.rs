@@ -7,10 +7,15 @@
 //! - serves on `127.0.0.1:8080` (`BIND` overrides);
 //! - uses Redis when `REDIS_URL` is set, a Redis Cluster when `REDIS_CLUSTER_URLS` (comma-separated
 //!   node URLs) is set, and the in-memory store otherwise (it logs which);
-//! - `PAYMENTS_DELAY_MS` adds simulated processor latency inside the handler, before the payment
-//!   is written (default 0); `PAYMENTS_COMMIT_DELAY_MS` a wait after it is written and before the
-//!   handler returns (default 0: in the transactional mode, before the commit);
-//!   `PAYMENTS_LEASE_MS` sets the idempotency lease (default 30 s);
+//! - each payment is charged through a card processor, as a journaled step (`idem::Steps`) that
+//!   sends the step's downstream key as the processor's `Idempotency-Key`: with
+//!   `PROCESSOR_URL=http://host:port`, `POST {PROCESSOR_URL}/charges`; without it, a built-in fake
+//!   processor in this process, whose charges `GET /processor/charges` lists;
+//! - `PAYMENTS_DELAY_MS` waits inside the handler before the charge (default 0);
+//!   `PAYMENTS_COMMIT_DELAY_MS` a wait after the payment is written and before the handler
+//!   returns (default 0: in the transactional mode, before the commit); `PAYMENTS_LEASE_MS` sets
+//!   the idempotency lease (default 30 s); `PAYMENTS_DOWNSTREAM_KEY` (`hand-built` or `none`)
+//!   changes the key the charge sends, for the crash test's comparison only (leave it unset);
 //! - with `DATABASE_URL=postgres://...` (feature `postgres`) the payments live in a Postgres table
 //!   `payments`, created at start: without `REDIS_URL`, the records are in a `PostgresStore` on
 //!   the same database and each payment is written in the same transaction as its completed
@@ -21,8 +26,10 @@
 //! - `GET /metrics` serves idem's metrics (and any other) in the Prometheus text format: the app
 //!   installs the recorder, idem only emits.
 //!
-//! `GET /stats` answers `{"executions": N, "payments": M}`: the handler's executions in this
-//! process, and the payments stored (rows in Postgres with `DATABASE_URL`, else this process's).
+//! `GET /stats` answers `{"executions": N, "payments": M, "resumed": R}`: the handler's executions
+//! in this process, the payments stored (rows in Postgres with `DATABASE_URL`, else this
+//! process's), and the executions in this process that resumed from the journal of an earlier one
+//! (their charge replayed, not made again).
 //!
 //! Every request names its client with `Authorization: Bearer <token>`; the client's account is
 //! the idempotency scope, so two accounts can use the same key without seeing each other's
@@ -33,7 +40,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
     },
     time::{Duration, SystemTime},
 };
@@ -47,7 +54,7 @@ use actix_web::{
 };
 #[cfg(feature = "openapi")]
 use idem::openapi::IdempotencyDocs;
-use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId};
+use idem::{idempotent, Idempotency, MemoryStore, RedisStore, ScopeId, StepError, Steps};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -57,6 +64,8 @@ use serde_json::json;
 struct Ledger {
     payments: Mutex<HashMap<(String, String), Payment>>,
     executions: AtomicU64,
+    /// Executions that found the charge in the journal of an earlier one.
+    resumed: AtomicU64,
 }
 
 #[derive(Clone, Serialize)]
@@ -68,6 +77,8 @@ struct Payment {
     destination: String,
     status: String,
     created_at: String,
+    /// The processor's id of the charge that paid it.
+    charge: String,
 }
 
 /// A payment to make (fields checked by the handler, which answers 400 with the reason).
@@ -201,7 +212,7 @@ fn validate(body: &NewPayment) -> Result<(u64, String, String), String> {
         (status = 400, description = "Invalid JSON or fields (stored and replayed)"),
         (status = 401, description = "No `Authorization: Bearer <token>`"),
         (status = 402, description = "The processor declined the payment (stored and replayed)"),
-        (status = 503, description = "The processor is unavailable (not stored: a retry runs again)"),
+        (status = 503, description = "The processor is unavailable (not stored: a retry runs again, and charges at most once)"),
     ),
 ))]
 #[post("/payments")]
@@ -212,6 +223,8 @@ async fn create_payment(
     delay: web::Data<Delay>,
     commit_delay: web::Data<CommitDelay>,
     database: web::Data<Database>,
+    processor: web::Data<Processor>,
+    steps: Steps,
     body: web::Json<NewPayment>,
 ) -> actix_web::Result<HttpResponse> {
     ledger.executions.fetch_add(1, Ordering::SeqCst);
@@ -229,12 +242,19 @@ async fn create_payment(
             ))
         }
     };
-    if let Some(answer) = declined(&destination) {
+    let order = Order {
+        amount,
+        currency: &currency,
+        destination: &destination,
+    };
+    let charge = match charge(&steps, &processor, &ledger, &req, &client.0, &order).await {
+        Ok(charge) => charge,
+        Err(answer) => return Ok(answer),
+    };
+    if let Some(answer) = unavailable_after_charge(&destination) {
         return Ok(answer);
     }
-    let payment = Payment::new(amount, currency, destination);
-    #[cfg(not(feature = "postgres"))]
-    let _ = req;
+    let payment = Payment::new(amount, currency, destination, charge.id);
     match &database.0 {
         // DATABASE_URL with REDIS_URL: the payment row, on its own (no transaction).
         #[cfg(feature = "postgres")]
@@ -259,7 +279,7 @@ async fn create_payment(
 }
 
 impl Payment {
-    fn new(amount: u64, currency: String, destination: String) -> Self {
+    fn new(amount: u64, currency: String, destination: String, charge: String) -> Self {
         Self {
             id: format!("pay_{:016x}", rand::random::<u64>()),
             amount,
@@ -267,6 +287,7 @@ impl Payment {
             destination,
             status: "pending".to_owned(),
             created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            charge,
         }
     }
 }
@@ -279,7 +300,6 @@ fn created(payment: &Payment) -> HttpResponse {
 }
 
 /// The request's `Idempotency-Key`, as sent (the handler requires one).
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 fn idempotency_key(req: &HttpRequest) -> String {
     req.headers()
         .get("idempotency-key")
@@ -288,23 +308,314 @@ fn idempotency_key(req: &HttpRequest) -> String {
         .to_owned()
 }
 
-/// The answer to a payment for `destination` other than a 201: `decline` (402), `unavailable`
-/// (503, not stored: a retry runs again).
-fn declined(destination: &str) -> Option<HttpResponse> {
-    match destination {
-        "decline" => Some(problem(
-            StatusCode::PAYMENT_REQUIRED,
-            "card-declined",
-            "Payment declined",
-            "The processor declined the payment.",
-        )),
-        "unavailable" => Some(problem(
+/// The destination `unavailable`: a 503 after the charge step (not stored: a retry runs the
+/// handler again, and finds its charge in the journal instead of charging twice).
+fn unavailable_after_charge(destination: &str) -> Option<HttpResponse> {
+    (destination == "unavailable").then(|| {
+        problem(
             StatusCode::SERVICE_UNAVAILABLE,
-            "processor-unavailable",
-            "Processor unavailable",
-            "The payment processor is unavailable; retry with the same key.",
-        )),
-        _ => None,
+            "payment-unavailable",
+            "Payment unavailable",
+            "The payment could not be completed; retry with the same key.",
+        )
+    })
+}
+
+/// The payment's 402 when the processor declines it (stored and replayed).
+fn declined() -> HttpResponse {
+    problem(
+        StatusCode::PAYMENT_REQUIRED,
+        "card-declined",
+        "Payment declined",
+        "The processor declined the payment.",
+    )
+}
+
+/// What a charge asks the processor for: the JSON body of `POST {PROCESSOR_URL}/charges`.
+#[derive(Serialize)]
+struct Order<'a> {
+    amount: u64,
+    currency: &'a str,
+    destination: &'a str,
+}
+
+/// A charge the processor made (its id).
+#[derive(Clone, Serialize, Deserialize)]
+struct Charge {
+    id: String,
+}
+
+/// The processor's answer to a charge, an outcome either way: journaled by the step, so that a
+/// later execution of the same payment gets it back without calling the processor again.
+#[derive(Serialize, Deserialize)]
+enum Charged {
+    /// 200 or 201 with the charge's id.
+    Charge(Charge),
+    /// 402: the card was declined; no money moved.
+    Declined,
+}
+
+/// A processor that gave no outcome: 409 (the same key in flight), a 5xx, another status, a
+/// timeout or a refused connection. Not journaled: the payment answers 503 and its retry calls the
+/// processor again, under the same key.
+#[derive(Debug)]
+struct ProcessorUnavailable(String);
+
+impl std::fmt::Display for ProcessorUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Charges the payment as the journaled step `charge`: the first execution calls the processor
+/// and journals its outcome before going on; a later one (after a crash, a cut deploy, a 503 that
+/// released the key) gets the outcome from the journal. The processor also gets the step's
+/// downstream key as its `Idempotency-Key`, so that a crash between its answer and the journal
+/// write is a replay on its side, not a second charge. The `Err` is the answer to send instead of
+/// a payment: 402 (a decline), 503 (no outcome from the processor, or the journal failed).
+async fn charge(
+    steps: &Steps,
+    processor: &Processor,
+    ledger: &Ledger,
+    req: &HttpRequest,
+    client: &str,
+    order: &Order<'_>,
+) -> Result<Charge, HttpResponse> {
+    let charged = steps
+        .run("charge", |key| async move {
+            let key = match processor.keys {
+                KeyMode::Step => Some(key.to_string()),
+                KeyMode::HandBuilt => Some(format!("{client}:{}", idempotency_key(req))),
+                KeyMode::NoKey => None,
+            };
+            processor.charge(order, key.as_deref()).await
+        })
+        .await;
+    if steps.resumed() {
+        ledger.resumed.fetch_add(1, Ordering::SeqCst);
+    }
+    match charged {
+        Ok(Charged::Charge(charge)) => Ok(charge),
+        Ok(Charged::Declined) => Err(declined()),
+        Err(StepError::Failed(ProcessorUnavailable(why))) => {
+            tracing::warn!(%why, "the processor gave no outcome; the payment answers 503");
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "processor-unavailable",
+                "Processor unavailable",
+                "The payment processor is unavailable; retry with the same key.",
+            ))
+        }
+        // The journal's own failures: 503 (lease lost, store down) or 500 (misuse), as idem
+        // answers them.
+        Err(other) => Err(actix_web::ResponseError::error_response(&other)),
+    }
+}
+
+/// The `Idempotency-Key` a charge sends: the step's downstream key. `PAYMENTS_DOWNSTREAM_KEY`
+/// chooses another **for the crash test's comparison only** (`tests/crash_charges.rs`): never
+/// set it in a real deployment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyMode {
+    /// `step` (the default): the step's downstream key (a digest of the record's address, the
+    /// handler and the step: the same on every execution and instance, no client bytes).
+    Step,
+    /// `hand-built`: `<client>:<the client's Idempotency-Key>`, what the README showed before
+    /// steps existed (the client's raw key, the same for every call the handler makes).
+    HandBuilt,
+    /// `none`: no `Idempotency-Key` (a processor that cannot deduplicate).
+    NoKey,
+}
+
+impl KeyMode {
+    fn from_env() -> std::io::Result<Self> {
+        match std::env::var("PAYMENTS_DOWNSTREAM_KEY").as_deref() {
+            Err(_) | Ok("step") => Ok(Self::Step),
+            Ok("hand-built") => Ok(Self::HandBuilt),
+            Ok("none") => Ok(Self::NoKey),
+            Ok(other) => Err(std::io::Error::other(format!(
+                "PAYMENTS_DOWNSTREAM_KEY must be `step`, `hand-built` or `none`, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// How long a charge may take at the processor before the payment answers 503.
+const PROCESSOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The card processor: `PROCESSOR_URL`, else the built-in fake.
+struct Processor {
+    backend: Backend,
+    keys: KeyMode,
+}
+
+enum Backend {
+    /// `POST {url}/charges` over HTTP.
+    Remote {
+        http: reqwest::Client,
+        charges: String,
+    },
+    /// In this process: charges `GET /processor/charges` lists.
+    BuiltIn(Arc<BuiltInProcessor>),
+}
+
+impl Processor {
+    fn from_env() -> std::io::Result<Self> {
+        let keys = KeyMode::from_env()?;
+        let backend = match std::env::var("PROCESSOR_URL") {
+            Ok(url) => {
+                let http = reqwest::Client::builder()
+                    .timeout(PROCESSOR_TIMEOUT)
+                    .build()
+                    .map_err(std::io::Error::other)?;
+                tracing::info!(%url, "charging through the processor at PROCESSOR_URL");
+                Backend::Remote {
+                    http,
+                    charges: format!("{}/charges", url.trim_end_matches('/')),
+                }
+            }
+            Err(_) => {
+                tracing::info!(
+                    "charging through the built-in fake processor (set PROCESSOR_URL for a real one)"
+                );
+                Backend::BuiltIn(Arc::default())
+            }
+        };
+        Ok(Self { backend, keys })
+    }
+
+    /// One charge request, and the processor's outcome.
+    async fn charge(
+        &self,
+        order: &Order<'_>,
+        key: Option<&str>,
+    ) -> Result<Charged, ProcessorUnavailable> {
+        match &self.backend {
+            Backend::BuiltIn(processor) => Ok(processor.charge(order, key)),
+            Backend::Remote { http, charges } => {
+                let body = serde_json::to_vec(order)
+                    .map_err(|e| ProcessorUnavailable(format!("encoding the charge: {e}")))?;
+                let mut request = http
+                    .post(charges.as_str())
+                    .header(header::CONTENT_TYPE.as_str(), "application/json")
+                    .body(body);
+                if let Some(key) = key {
+                    request = request.header("Idempotency-Key", key);
+                }
+                let response = request
+                    .send()
+                    .await
+                    .map_err(|e| ProcessorUnavailable(format!("POST {charges}: {e}")))?;
+                let status = response.status().as_u16();
+                let body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| ProcessorUnavailable(format!("POST {charges}: {e}")))?;
+                match status {
+                    200 | 201 => serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v.get("id")?.as_str().map(str::to_owned))
+                        .map(|id| Charged::Charge(Charge { id }))
+                        .ok_or_else(|| {
+                            ProcessorUnavailable(format!(
+                                "POST {charges}: {status} without a charge id"
+                            ))
+                        }),
+                    402 => Ok(Charged::Declined),
+                    other => Err(ProcessorUnavailable(format!("POST {charges}: {other}"))),
+                }
+            }
+        }
+    }
+}
+
+/// The built-in fake processor: it declines the destination `decline`, charges anything else,
+/// and deduplicates by `Idempotency-Key` like a real processor (the same key: the same outcome,
+/// no second charge; a charge without a key is a new one each time).
+#[derive(Default)]
+struct BuiltInProcessor {
+    state: Mutex<BuiltInState>,
+}
+
+#[derive(Default)]
+struct BuiltInState {
+    /// The outcome given to each key.
+    by_key: HashMap<String, Option<usize>>,
+    /// The charges made, in order.
+    charges: Vec<BuiltInCharge>,
+}
+
+/// One charge of the built-in processor, as `GET /processor/charges` lists it.
+#[derive(Clone, Serialize)]
+struct BuiltInCharge {
+    id: String,
+    /// The `Idempotency-Key` it was made under (`null` without one).
+    idempotency_key: Option<String>,
+    amount: u64,
+    currency: String,
+    destination: String,
+    /// The charge requests that carried its key (1 if the key was never sent again).
+    requests: u64,
+}
+
+impl BuiltInProcessor {
+    fn charge(&self, order: &Order<'_>, key: Option<&str>) -> Charged {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(seen) = key.and_then(|k| state.by_key.get(k).copied()) {
+            return match seen {
+                Some(i) => {
+                    state.charges[i].requests += 1;
+                    Charged::Charge(Charge {
+                        id: state.charges[i].id.clone(),
+                    })
+                }
+                None => Charged::Declined,
+            };
+        }
+        let charged = (order.destination != "decline").then(|| {
+            state.charges.push(BuiltInCharge {
+                id: format!("ch_{:016x}", rand::random::<u64>()),
+                idempotency_key: key.map(str::to_owned),
+                amount: order.amount,
+                currency: order.currency.to_owned(),
+                destination: order.destination.to_owned(),
+                requests: 1,
+            });
+            state.charges.len() - 1
+        });
+        if let Some(key) = key {
+            state.by_key.insert(key.to_owned(), charged);
+        }
+        match charged {
+            Some(i) => Charged::Charge(Charge {
+                id: state.charges[i].id.clone(),
+            }),
+            None => Charged::Declined,
+        }
+    }
+
+    fn charges(&self) -> Vec<BuiltInCharge> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .charges
+            .clone()
+    }
+}
+
+/// The built-in processor's charges (only without `PROCESSOR_URL`): what a test counts per key.
+#[get("/processor/charges")]
+async fn processor_charges(processor: web::Data<Processor>) -> HttpResponse {
+    match &processor.backend {
+        Backend::BuiltIn(processor) => HttpResponse::Ok().json(json!({
+            "charges": processor.charges(),
+        })),
+        Backend::Remote { .. } => problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "No built-in processor",
+            "Charges go to PROCESSOR_URL; ask that processor.",
+        ),
     }
 }
 
@@ -356,6 +667,7 @@ async fn stats(ledger: web::Data<Ledger>, database: web::Data<Database>) -> Http
     HttpResponse::Ok().json(json!({
         "executions": ledger.executions.load(Ordering::SeqCst),
         "payments": payments,
+        "resumed": ledger.resumed.load(Ordering::SeqCst),
     }))
 }
 
@@ -383,7 +695,7 @@ async fn metrics(prometheus: web::Data<PrometheusHandle>) -> HttpResponse {
         .body(prometheus.render())
 }
 
-/// Simulated processor latency, before the payment is written.
+/// A wait before the charge.
 struct Delay(Duration);
 
 /// A wait after the payment is written, before the handler returns (and, in the transactional
@@ -485,12 +797,13 @@ mod db {
     use idem::{
         idempotent,
         sqlx::{self, PgPool},
-        Idempotency, PgTransaction, PostgresStore, ScopeId,
+        Idempotency, PgTransaction, PostgresStore, ScopeId, Steps,
     };
 
     use super::{
-        client_of, created, declined, idempotency_key, problem, store_from_env, validate, Client,
-        CommitDelay, Database, Delay, Ledger, NewPayment, Payment,
+        charge, client_of, created, idempotency_key, problem, store_from_env,
+        unavailable_after_charge, validate, Client, CommitDelay, Database, Delay, Ledger,
+        NewPayment, Order, Payment, Processor,
     };
 
     /// The advisory lock under which instances starting together create the table.
@@ -510,8 +823,10 @@ mod db {
                  currency        text NOT NULL,
                  destination     text NOT NULL,
                  status          text NOT NULL,
-                 created_at      text NOT NULL
-             );"
+                 created_at      text NOT NULL,
+                 charge          text NOT NULL DEFAULT ''
+             );
+             ALTER TABLE payments ADD COLUMN IF NOT EXISTS charge text NOT NULL DEFAULT '';"
         ))
         .execute(pool)
         .await
@@ -558,7 +873,7 @@ mod db {
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO payments (id, client, idempotency_key, amount, currency, destination, \
-             status, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             status, created_at, charge) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&p.id)
         .bind(client)
@@ -569,6 +884,7 @@ mod db {
         .bind(&p.destination)
         .bind(&p.status)
         .bind(&p.created_at)
+        .bind(&p.charge)
         .execute(conn)
         .await
         .map(|_| ())
@@ -579,8 +895,9 @@ mod db {
         client: &str,
         id: &str,
     ) -> Result<Option<Payment>, sqlx::Error> {
-        let row: Option<(String, i64, String, String, String, String)> = sqlx::query_as(
-            "SELECT id, amount, currency, destination, status, created_at FROM payments \
+        #[allow(clippy::type_complexity)]
+        let row: Option<(String, i64, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT id, amount, currency, destination, status, created_at, charge FROM payments \
              WHERE client = $1 AND id = $2",
         )
         .bind(client)
@@ -588,13 +905,14 @@ mod db {
         .fetch_optional(pool)
         .await?;
         Ok(row.map(
-            |(id, amount, currency, destination, status, created_at)| Payment {
+            |(id, amount, currency, destination, status, created_at, charge)| Payment {
                 id,
                 amount: u64::try_from(amount).unwrap_or(0),
                 currency,
                 destination,
                 status,
                 created_at,
+                charge,
             },
         ))
     }
@@ -616,9 +934,11 @@ mod db {
         )
     }
 
-    /// `POST /payments` in the transactional mode: the payment row is written first, through
-    /// the request's transaction, then the handler meets its outcome. The runtime commits the row
-    /// with the completed record, or rolls it back (a 503 here, a crash, a lost lease).
+    /// `POST /payments` in the transactional mode: the charge first, as a journaled step
+    /// (committed at once, outside the transaction: the money moved whatever happens next), then
+    /// the payment row through the request's transaction, then the handler meets its outcome. The
+    /// runtime commits the row with the completed record, or rolls it back (a 503 here, a crash, a
+    /// lost lease); the retry finds the charge in the journal and writes the row again.
     #[post("/payments")]
     #[idempotent(ttl = "24h", require_key, fingerprint = "json")]
     #[allow(clippy::too_many_arguments)]
@@ -628,6 +948,8 @@ mod db {
         ledger: web::Data<Ledger>,
         delay: web::Data<Delay>,
         commit_delay: web::Data<CommitDelay>,
+        processor: web::Data<Processor>,
+        steps: Steps,
         mut tx: PgTransaction,
         body: web::Json<NewPayment>,
     ) -> actix_web::Result<HttpResponse> {
@@ -648,11 +970,17 @@ mod db {
                 ))
             }
         };
+        let order = Order {
+            amount,
+            currency: &currency,
+            destination: &destination,
+        };
         // A declined card moves no money: nothing to write.
-        if let Some(answer) = declined(&destination).filter(|_| destination == "decline") {
-            return Ok(answer);
-        }
-        let payment = Payment::new(amount, currency, destination);
+        let charge = match charge(&steps, &processor, &ledger, &req, &client.0, &order).await {
+            Ok(charge) => charge,
+            Err(answer) => return Ok(answer),
+        };
+        let payment = Payment::new(amount, currency, destination, charge.id);
         let key = idempotency_key(&req);
         if let Err(e) = insert(&mut *tx.acquire().await?, &client.0, &key, &payment).await {
             return Ok(unavailable(&e));
@@ -661,7 +989,7 @@ mod db {
             tokio::time::sleep(commit_delay.0).await;
         }
         // `unavailable`: a 503 after the write, which the runtime rolls back.
-        if let Some(answer) = declined(&payment.destination) {
+        if let Some(answer) = unavailable_after_charge(&payment.destination) {
             return Ok(answer);
         }
         Ok(created(&payment))
@@ -712,6 +1040,7 @@ async fn main() -> std::io::Result<()> {
     let delay = web::Data::new(Delay(Duration::from_millis(delay_ms)));
     let commit_delay = web::Data::new(CommitDelay(Duration::from_millis(commit_delay_ms)));
     let database = web::Data::new(database);
+    let processor = web::Data::new(Processor::from_env()?);
     tracing::info!(%bind, delay_ms, commit_delay_ms, transactional, "payments example listening");
     // Built once above and cloned into the factory, which runs once per worker: every worker
     // reaches the same records (a retry may reach any worker) through one store and one pool.
@@ -722,11 +1051,13 @@ async fn main() -> std::io::Result<()> {
             .app_data(delay.clone())
             .app_data(commit_delay.clone())
             .app_data(database.clone())
+            .app_data(processor.clone())
             .app_data(prometheus.clone())
             .app_data(json_config())
             .configure(|cfg| payments_route(cfg, transactional))
             .service(get_payment)
             .service(stats)
+            .service(processor_charges)
             .service(metrics);
         #[cfg(feature = "openapi")]
         let app = app.service(openapi_json);

@@ -16,6 +16,7 @@ use std::{
 
 pub mod cluster;
 pub mod postgres;
+pub mod processor;
 pub mod proxy;
 const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with \
     `apt-get update && apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis` \
