@@ -490,13 +490,16 @@ async fn downstream_keys_are_per_request_and_step(kind: Kind) {
     assert_eq!(p.calls(), 6);
 }
 
-/// In a handler without `#[idempotent]`, the extractor answers 500 with the fix.
+/// In a handler without `#[idempotent]`, the extractor answers the generic 500 `misconfigured`
+/// problem: the fix goes to the log, never to the API's callers.
 async fn steps_outside_an_idempotent_handler_are_a_misconfiguration(kind: Kind) {
     let backend = Backend::new(kind);
     let app = service(backend.idem.clone(), web::Data::new(Processor::default())).await;
     let a = send(&app, "/plain", "alice", Some("k")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(String::from_utf8_lossy(&a.body).contains("#[idempotent]"));
+    let body = String::from_utf8_lossy(&a.body);
+    assert!(body.contains("https://idem.dev/problems/misconfigured"), "{body}");
+    assert!(!body.contains("#[idempotent]"), "the fix leaked to the caller: {body}");
 }
 
 /// Steps whose output is `len` bytes of JSON, `count` of them, each under its own name.
