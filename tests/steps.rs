@@ -498,8 +498,14 @@ async fn steps_outside_an_idempotent_handler_are_a_misconfiguration(kind: Kind) 
     let a = send(&app, "/plain", "alice", Some("k")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     let body = String::from_utf8_lossy(&a.body);
-    assert!(body.contains("https://idem.dev/problems/misconfigured"), "{body}");
-    assert!(!body.contains("#[idempotent]"), "the fix leaked to the caller: {body}");
+    assert!(
+        body.contains("https://idem.dev/problems/misconfigured"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("#[idempotent]"),
+        "the fix leaked to the caller: {body}"
+    );
 }
 
 /// Steps whose output is `len` bytes of JSON, `count` of them, each under its own name.

@@ -946,7 +946,7 @@ mod tests {
             }
         };
         let counting = Arc::new(Counting {
-            inner: MemoryStore::new(),
+            inner: MemoryStore::isolated(),
             claims: AtomicUsize::new(0),
         });
         let store: Arc<dyn Store> = counting.clone();

@@ -623,7 +623,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_does_not_journal_refuses_with_the_fix() {
-        let store = RecordsOnly(MemoryStore::new());
+        let store = RecordsOnly(MemoryStore::isolated());
         let t = Ticket::new(
             RecordKey::from_bytes([1; 32]),
             Fingerprint::compute("POST", "/p", "", b""),

@@ -820,7 +820,7 @@ mod tests {
     /// journal gives its bytes back, and an expired one is swept to zero.
     #[tokio::test(start_paused = true)]
     async fn journals_count_against_the_capacity_until_they_expire() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::isolated();
         let t = ticket(5);
         let ttl = Duration::from_secs(5);
         assert_eq!(

@@ -11,8 +11,9 @@
 -- is older than the one this build needs, or that lacks a column, the unique key or the claim
 -- function or the lease table (version 2 added the lease table, version 3 the column
 -- `fingerprint_encoding` and the claim function's five-argument form, version 4 the journal of
--- steps in "idem_records_steps", created by schema_steps.sql, which runs after this file). Migration steps only add (a column with a default, a function), so a build accepts
--- a table of a newer version, and instances of the previous release keep working during a
+-- steps in <table>_steps, created by schema_steps.sql, which runs after this file). Migration
+-- steps only add (a column with a default, a function), so a build accepts a table of a newer
+-- version, and instances of the previous release keep working during a
 -- rolling upgrade. A step added to this file bumps `wanted` in the last statement (and
 -- `EXPECTED.version` in sql.rs: a unit test checks that they agree).
 
