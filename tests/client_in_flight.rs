@@ -14,7 +14,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ use idem_client::{
     reqwest_middleware::{ClientBuilder, ClientWithMiddleware},
     IdempotencyError, IdempotencyMiddleware, ResponseExt, RetryPolicy, IDEMPOTENCY_KEY,
 };
-use idem_testkit::{example_binary, free_port, wait_until_listening, RedisServer};
+use idem_testkit::{spawn_example, RedisServer};
 
 const PAYMENT: &str = r#"{"amount":1000,"currency":"EUR","destination":"acct_1"}"#;
 /// The lease of both instances: long enough to tell from the 1 s a guess would say, short enough
@@ -40,26 +40,20 @@ struct Payments {
 
 impl Payments {
     fn start(redis: &RedisServer, delay: Duration) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let child = Command::new(&binary)
-            .env("BIND", addr.to_string())
-            .env("RUST_LOG", "warn")
-            .env("REDIS_URL", redis.url())
-            .env("PAYMENTS_DELAY_MS", delay.as_millis().to_string())
-            .env("PAYMENTS_LEASE_MS", LEASE.as_millis().to_string())
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let (redis_url, delay, lease) = (
+            redis.url(),
+            delay.as_millis().to_string(),
+            LEASE.as_millis().to_string(),
+        );
+        let (child, addr) = spawn_example(
+            "payments",
+            &[
+                ("REDIS_URL", &redis_url),
+                ("PAYMENTS_DELAY_MS", &delay),
+                ("PAYMENTS_LEASE_MS", &lease),
+            ],
+        );
+        Self { child, addr }
     }
 
     fn pay(&self, key: &str) -> RawResponse {

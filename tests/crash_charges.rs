@@ -32,15 +32,14 @@ mod common;
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use common::{post, raw_request, try_request, RawResponse};
 use idem_testkit::{
-    example_binary, free_port, postgres::PostgresServer, processor::FakeProcessor,
-    wait_until_listening, RedisServer,
+    postgres::PostgresServer, processor::FakeProcessor, spawn_example, RedisServer,
 };
 use rand::{rngs::StdRng, Rng as _, SeedableRng as _};
 
@@ -63,33 +62,25 @@ struct Payments {
 
 impl Payments {
     fn start(run: &Run<'_>) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let mut cmd = Command::new(&binary);
-        cmd.env("BIND", addr.to_string())
-            .env("DATABASE_URL", run.db.url())
-            .env("PROCESSOR_URL", run.processor.url())
-            .env("PAYMENTS_DOWNSTREAM_KEY", run.keys)
-            .env("PAYMENTS_LEASE_MS", LEASE.as_millis().to_string())
-            .env("PAYMENTS_DELAY_MS", DELAY_MS.to_string())
-            .env("PAYMENTS_COMMIT_DELAY_MS", COMMIT_DELAY_MS.to_string())
-            .env("RUST_LOG", "off")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(redis) = run.redis {
-            cmd.env("REDIS_URL", redis.url());
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let (db, processor) = (run.db.url(), run.processor.url());
+        let (lease, delay, commit_delay) = (
+            LEASE.as_millis().to_string(),
+            DELAY_MS.to_string(),
+            COMMIT_DELAY_MS.to_string(),
+        );
+        let redis = run.redis.map(|redis| redis.url());
+        let mut env = vec![
+            ("DATABASE_URL", db.as_str()),
+            ("PROCESSOR_URL", processor.as_str()),
+            ("PAYMENTS_DOWNSTREAM_KEY", run.keys),
+            ("PAYMENTS_LEASE_MS", lease.as_str()),
+            ("PAYMENTS_DELAY_MS", delay.as_str()),
+            ("PAYMENTS_COMMIT_DELAY_MS", commit_delay.as_str()),
+            ("RUST_LOG", "off"),
+        ];
+        env.extend(redis.as_deref().map(|url| ("REDIS_URL", url)));
+        let (child, addr) = spawn_example("payments", &env);
+        Self { child, addr }
     }
 
     fn stats(&self) -> serde_json::Value {

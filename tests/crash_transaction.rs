@@ -24,14 +24,12 @@ mod common;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use common::{post, raw_request, try_request, RawResponse};
-use idem_testkit::{
-    example_binary, free_port, postgres::PostgresServer, wait_until_listening, RedisServer,
-};
+use idem_testkit::{postgres::PostgresServer, spawn_example, RedisServer};
 use rand::{rngs::StdRng, Rng as _, SeedableRng as _};
 
 const LEASE: Duration = Duration::from_millis(1000);
@@ -50,31 +48,21 @@ struct Payments {
 
 impl Payments {
     fn start(database_url: &str, redis_url: Option<&str>) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let mut cmd = Command::new(&binary);
-        cmd.env("BIND", addr.to_string())
-            .env("DATABASE_URL", database_url)
-            .env("PAYMENTS_LEASE_MS", LEASE.as_millis().to_string())
-            .env("PAYMENTS_DELAY_MS", DELAY_MS.to_string())
-            .env("PAYMENTS_COMMIT_DELAY_MS", COMMIT_DELAY_MS.to_string())
-            .env("RUST_LOG", "off")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(url) = redis_url {
-            cmd.env("REDIS_URL", url);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let (lease, delay, commit_delay) = (
+            LEASE.as_millis().to_string(),
+            DELAY_MS.to_string(),
+            COMMIT_DELAY_MS.to_string(),
+        );
+        let mut env = vec![
+            ("DATABASE_URL", database_url),
+            ("PAYMENTS_LEASE_MS", lease.as_str()),
+            ("PAYMENTS_DELAY_MS", delay.as_str()),
+            ("PAYMENTS_COMMIT_DELAY_MS", commit_delay.as_str()),
+            ("RUST_LOG", "off"),
+        ];
+        env.extend(redis_url.map(|url| ("REDIS_URL", url)));
+        let (child, addr) = spawn_example("payments", &env);
+        Self { child, addr }
     }
 
     fn kill(&mut self) {

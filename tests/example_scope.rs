@@ -7,13 +7,10 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-};
+use std::{net::SocketAddr, process::Child};
 
 use common::{post, raw_request, RawResponse};
-use idem_testkit::{example_binary, free_port, wait_until_listening};
+use idem_testkit::spawn_example;
 
 const PAYMENT: &[u8] = br#"{"amount":1000,"currency":"EUR","destination":"acct_1"}"#;
 
@@ -25,24 +22,8 @@ struct Payments {
 
 impl Payments {
     fn start() -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let child = Command::new(&binary)
-            .env("BIND", addr.to_string())
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let (child, addr) = spawn_example("payments", &[]);
+        Self { child, addr }
     }
 
     fn pay(&self, authorization: Option<&str>, key: &str) -> RawResponse {

@@ -7,15 +7,14 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use actix_web::{web, HttpResponse};
 use common::{post, raw_request, send, Backend, Kind, RawResponse, TestServer};
 use idem::{idempotent, Unscoped};
-use idem_testkit::{example_binary, free_port, wait_until_listening};
+use idem_testkit::spawn_example;
 
 #[derive(Default)]
 struct Executions(AtomicU64);
@@ -242,23 +241,8 @@ on_every_store!(
 /// payment between attempts gets its payment back, not a 422.
 #[test]
 fn the_payments_example_compares_json() {
-    let binary = example_binary("payments");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("an address");
-    let child = Command::new(&binary)
-        .env("BIND", addr.to_string())
-        .env("RUST_LOG", "warn")
-        .env_remove("REDIS_URL")
-        .env_remove("REDIS_CLUSTER_URLS")
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-    let mut payments = Killed(child);
-    wait_until_listening(&mut payments.0, addr, "payments example");
+    let (child, addr) = spawn_example("payments", &[]);
+    let _payments = Killed(child);
     let pay = |body: &str| {
         raw_request(
             addr,

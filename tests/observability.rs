@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{post, raw_request, RawResponse};
-use idem_testkit::{example_binary, free_port, wait_until_listening};
+use idem_testkit::spawn_example;
 
 /// One `payments` process on the in-memory store, killed when dropped.
 struct Payments {
@@ -21,24 +21,9 @@ struct Payments {
 
 impl Payments {
     fn start(delay_ms: u64) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let child = Command::new(&binary)
-            .env("BIND", addr.to_string())
-            .env("PAYMENTS_DELAY_MS", delay_ms.to_string())
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let delay = delay_ms.to_string();
+        let (child, addr) = spawn_example("payments", &[("PAYMENTS_DELAY_MS", &delay)]);
+        Self { child, addr }
     }
 
     fn get(&self, path: &str) -> RawResponse {

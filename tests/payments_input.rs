@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-};
+use std::{net::SocketAddr, process::Child};
 
 use common::{post, raw_request, RawResponse};
-use idem_testkit::{example_binary, free_port, wait_until_listening, RedisServer};
+use idem_testkit::{spawn_example, RedisServer};
 
 /// One `payments` process, killed when dropped.
 struct Payments {
@@ -21,28 +18,9 @@ struct Payments {
 
 impl Payments {
     fn start(env: &[(&str, String)]) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let mut cmd = Command::new(&binary);
-        cmd.env("BIND", addr.to_string())
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (name, value) in env {
-            cmd.env(name, value);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (child, addr) = spawn_example("payments", &env);
+        Self { child, addr }
     }
 
     fn pay(&self, key: &str, body: &str) -> RawResponse {

@@ -6,12 +6,12 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use common::{post, raw_request, RawResponse};
-use idem_testkit::{example_binary, free_port, processor::FakeProcessor, wait_until_listening};
+use idem_testkit::{free_port, processor::FakeProcessor, spawn_example};
 
 /// One `payments` process on the in-memory store, killed when dropped.
 struct Payments {
@@ -26,33 +26,11 @@ impl Payments {
 
     /// With `database_url`, the transactional mode (records and payments in that Postgres).
     fn start_with(processor_url: Option<&str>, database_url: Option<&str>) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let mut cmd = Command::new(&binary);
-        cmd.env("BIND", addr.to_string())
-            .env("RUST_LOG", "off")
-            .env_remove("PROCESSOR_URL")
-            .env_remove("PAYMENTS_DOWNSTREAM_KEY")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(url) = processor_url {
-            cmd.env("PROCESSOR_URL", url);
-        }
-        if let Some(url) = database_url {
-            cmd.env("DATABASE_URL", url);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self { child, addr };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        let mut env = vec![("RUST_LOG", "off")];
+        env.extend(processor_url.map(|url| ("PROCESSOR_URL", url)));
+        env.extend(database_url.map(|url| ("DATABASE_URL", url)));
+        let (child, addr) = spawn_example("payments", &env);
+        Self { child, addr }
     }
 
     fn pay(&self, key: &str, destination: &str) -> RawResponse {

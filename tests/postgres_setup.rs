@@ -10,7 +10,7 @@ mod common;
 use std::{
     io::{Read as _, Write},
     net::SocketAddr,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,7 +20,7 @@ use common::{post as post_request, send, TestServer};
 use idem::{
     idempotent, Idempotency, MemoryStore, PgTransaction, PostgresStore, SchemaMismatch, StoreError,
 };
-use idem_testkit::{example_binary, free_port, postgres::PostgresServer};
+use idem_testkit::{example_command, free_port, postgres::PostgresServer};
 
 /// The table of the 0.1 schema without its `response` column: what `CREATE TABLE IF NOT EXISTS`
 /// leaves as it is.
@@ -185,21 +185,11 @@ async fn verify_schema_checks_what_a_teams_own_migrations_applied() {
 fn the_payments_example_stops_at_start_on_a_table_of_another_shape() {
     let db = PostgresServer::start();
     db.psql(WITHOUT_RESPONSE);
-    let binary = example_binary("payments");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("an address");
-    let mut child = Command::new(&binary)
-        .env("BIND", addr.to_string())
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .env_remove("REDIS_URL")
-        .env_remove("REDIS_CLUSTER_URLS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = example_command("payments", addr, &[("DATABASE_URL", &db.url())])
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+        .expect("the payments example");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -11,16 +11,16 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use futures_util::{stream, StreamExt};
 use idem_client::{IdempotencyError, IdempotencyMiddleware, KeyFormat, ResponseExt, RetryPolicy};
 use idem_testkit::{
-    example_binary, free_port,
+    free_port,
     proxy::{Fault, FaultPlan, FaultProxy},
-    wait_until_listening,
+    spawn_example,
 };
 use reqwest::StatusCode;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
@@ -40,28 +40,13 @@ struct Payments {
 
 impl Payments {
     fn start(delay_ms: u64) -> Self {
-        let binary = example_binary("payments");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("an address");
-        let child = Command::new(&binary)
-            .env("BIND", addr.to_string())
-            .env("PAYMENTS_DELAY_MS", delay_ms.to_string())
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-        let mut payments = Self {
+        let delay = delay_ms.to_string();
+        let (child, addr) = spawn_example("payments", &[("PAYMENTS_DELAY_MS", &delay)]);
+        Self {
             child,
             addr,
             direct: reqwest::Client::new(),
-        };
-        wait_until_listening(&mut payments.child, addr, "payments example");
-        payments
+        }
     }
 
     /// `executions` from `GET /stats`, asked directly (not through the proxy).

@@ -321,6 +321,49 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The environment variables that choose an example's store and processor, and the crash test's
+/// key mode: [`example_command`] starts a child without them (whatever the developer's shell
+/// has), so a test runs the mode it sets and no other.
+pub const EXAMPLE_MODE_VARS: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_CLUSTER_URLS",
+    "DATABASE_URL",
+    "PROCESSOR_URL",
+    "PAYMENTS_DOWNSTREAM_KEY",
+];
+
+/// The command that runs the example `name` ([`example_binary`]) on `addr` (`BIND`), logging at
+/// `warn`, with none of [`EXAMPLE_MODE_VARS`] inherited and then `env` set (so `env` may also
+/// override `RUST_LOG`); standard input and output null, standard error inherited (a caller may
+/// change any of this before it spawns).
+pub fn example_command(name: &str, addr: std::net::SocketAddr, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(example_binary(name));
+    cmd.env("BIND", addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for var in EXAMPLE_MODE_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// Spawns [`example_command`] on a free loopback port and waits until it listens.
+///
+/// # Panics
+///
+/// When the example is not built, does not start, or does not listen within 20 s.
+pub fn spawn_example(name: &str, env: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = example_command(name, addr, env)
+        .spawn()
+        .unwrap_or_else(|e| panic!("the `{name}` example: {e}"));
+    wait_until_listening(&mut child, addr, &format!("{name} example"));
+    (child, addr)
+}
+
 /// Waits (at most 20 s) until the child process `what` accepts connections on `addr`.
 ///
 /// # Panics
