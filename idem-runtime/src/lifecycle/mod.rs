@@ -827,31 +827,6 @@ mod tests {
         assert!(refused.is_err_and(|e| e.contains("not shorter than its ttl")));
     }
 
-    #[test]
-    fn every_outcome_has_a_distinct_name() {
-        let all = [
-            Outcome::Executed,
-            Outcome::ExecutedReleased,
-            Outcome::Panicked,
-            Outcome::RolledBack,
-            Outcome::Replayed,
-            Outcome::Mismatch,
-            Outcome::InFlight,
-            Outcome::MissingKey,
-            Outcome::NoKey,
-            Outcome::InvalidKey,
-            Outcome::ScopeRefused,
-            Outcome::BodyTooLarge,
-            Outcome::BadBody,
-            Outcome::StoreError,
-            Outcome::StoreErrorFailOpen,
-            Outcome::NewerRecord,
-            Outcome::Misconfigured,
-        ];
-        let names: std::collections::HashSet<_> = all.iter().map(|o| o.as_str()).collect();
-        assert_eq!(names.len(), all.len());
-    }
-
     /// A memory store that counts claims.
     struct Counting {
         inner: MemoryStore,

@@ -104,6 +104,12 @@ mod tests {
         Outcome::Misconfigured,
     ];
 
+    #[test]
+    fn every_outcome_has_a_distinct_name() {
+        let names: std::collections::HashSet<_> = ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), ALL.len());
+    }
+
     /// The README's metrics table lists every value of the `outcome` label, and nothing else.
     #[test]
     fn the_readme_names_every_outcome() {
