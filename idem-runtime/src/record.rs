@@ -20,7 +20,15 @@
 //! reads it there). A section whose tag has its high bit clear ([`SECTION_CRITICAL`]) is
 //! additional data that a reader which does not know the tag skips (recovery points will be
 //! one); a reader that does not know a critical tag (high bit set) refuses the record, as it
-//! refuses a format or a kind it does not know: [`DecodeError::is_newer`]. No tag is defined yet.
+//! refuses a format or a kind it does not know: [`DecodeError::is_newer`].
+//!
+//! ```text
+//! section 0x0001 (additional), "expires at": u64, the record's expiry in milliseconds since the
+//!   Unix epoch by the writer's clock. The Redis stores write it on completed records, so that an
+//!   instance that reads the record can keep a copy no longer than the record lives (the replay
+//!   cache); a reader that does not know it skips it, and one that finds it of another length
+//!   reads the record without it.
+//! ```
 //!
 //! A writer uses the oldest format that holds the record, so that the previous release still
 //! reads what this one writes. Decoding never panics: a truncated, foreign or corrupt value is a
@@ -45,6 +53,8 @@ const KIND_PENDING: u8 = b'P';
 const KIND_COMPLETED: u8 = b'C';
 /// The high bit of a section tag: a reader that does not know the tag must refuse the record.
 pub(crate) const SECTION_CRITICAL: u16 = 0x8000;
+/// The section that holds a completed record's expiry (milliseconds since the Unix epoch).
+const SECTION_EXPIRES_AT: u16 = 0x0001;
 const HEADER_LEN_1: usize = 2 + 1 + 1 + 32;
 const HEADER_LEN_2: usize = HEADER_LEN_1 + 1;
 /// The longest encoded pending record this release writes (format 2, no section).
@@ -213,6 +223,16 @@ impl Record {
     ///
     /// [`DecodeError`] for a truncated, foreign or corrupt value.
     pub(crate) fn decode(raw: Bytes) -> Result<Self, DecodeError> {
+        Self::decode_with_expiry(raw).map(|(record, _)| record)
+    }
+
+    /// Decodes a record, and the expiry its writer put in it (milliseconds since the Unix epoch),
+    /// if any.
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Self::decode).
+    pub(crate) fn decode_with_expiry(raw: Bytes) -> Result<(Self, Option<u64>), DecodeError> {
         let mut r = Reader { buf: raw, pos: 0 };
         if r.take(2)? != MAGIC.as_slice() {
             return Err(DecodeError::NotARecord);
@@ -267,17 +287,23 @@ impl Record {
                 },
             }
         };
-        // Format 2: the sections. None is known to this release: skip each additional one,
-        // refuse a critical one.
+        // Format 2: the sections. Read the expiry; skip any other additional one, refuse a
+        // critical one this release does not know.
+        let mut expires_at = None;
         while r.remaining() > 0 {
             let tag = r.u16()?;
             let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
-            r.take(len)?;
+            let value = r.take(len)?;
             if tag & SECTION_CRITICAL != 0 {
                 return Err(DecodeError::UnsupportedSection(tag));
             }
+            // An expiry of another length (a later release's extension of it) tells nothing
+            // this release can use: the record is read without it.
+            if let (SECTION_EXPIRES_AT, Ok(ms)) = (tag, <[u8; 8]>::try_from(&value[..])) {
+                expires_at = Some(u64::from_be_bytes(ms));
+            }
         }
-        Ok(record)
+        Ok((record, expires_at))
     }
 }
 
@@ -315,7 +341,16 @@ pub(crate) fn pending_bytes(fingerprint: &Fingerprint, token: &OwnerToken) -> Pe
 
 /// Writes the header of a record of `kind` into `out`; answers its length.
 fn write_header(out: &mut [u8; PENDING_LEN_MAX], kind: u8, fingerprint: &Fingerprint) -> usize {
-    let format = format_for(fingerprint);
+    write_header_in(out, format_for(fingerprint), kind, fingerprint)
+}
+
+/// Writes the header of a record of `kind` in `format` into `out`; answers its length.
+fn write_header_in(
+    out: &mut [u8; PENDING_LEN_MAX],
+    format: u8,
+    kind: u8,
+    fingerprint: &Fingerprint,
+) -> usize {
     out[..2].copy_from_slice(MAGIC);
     out[2] = format;
     out[3] = kind;
@@ -337,13 +372,40 @@ pub(crate) fn encode_completed(
     fingerprint: &Fingerprint,
     response: &StoredResponse,
 ) -> Result<Bytes, EncodeError> {
+    encode_completed_in(format_for(fingerprint), fingerprint, response, None)
+}
+
+/// The encoding of a completed record that says when it expires (`expires_at`, milliseconds since
+/// the Unix epoch), in its section: always format 2, which the previous release reads, skipping
+/// the section.
+///
+/// # Errors
+///
+/// As [`Record::encode`].
+pub(crate) fn encode_completed_expiring(
+    fingerprint: &Fingerprint,
+    response: &StoredResponse,
+    expires_at: u64,
+) -> Result<Bytes, EncodeError> {
+    encode_completed_in(FORMAT_2, fingerprint, response, Some(expires_at))
+}
+
+fn encode_completed_in(
+    format: u8,
+    fingerprint: &Fingerprint,
+    response: &StoredResponse,
+    expires_at: Option<u64>,
+) -> Result<Bytes, EncodeError> {
     let headers_len: usize = response
         .headers
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
-    let mut buf = BytesMut::with_capacity(HEADER_LEN_2 + 8 + headers_len + response.body.len());
-    let format = put_header(&mut buf, KIND_COMPLETED, fingerprint);
+    let mut buf =
+        BytesMut::with_capacity(HEADER_LEN_2 + 8 + headers_len + response.body.len() + 14);
+    let mut header = [0u8; PENDING_LEN_MAX];
+    let len = write_header_in(&mut header, format, KIND_COMPLETED, fingerprint);
+    buf.put_slice(&header[..len]);
     buf.put_u16(response.status.as_u16());
     let count = u16::try_from(response.headers.len()).map_err(|_| EncodeError::TooManyHeaders)?;
     buf.put_u16(count);
@@ -361,10 +423,16 @@ pub(crate) fn encode_completed(
         buf.put_u32(body_len);
     }
     buf.put_slice(&response.body);
+    if let Some(ms) = expires_at {
+        buf.put_u16(SECTION_EXPIRES_AT);
+        buf.put_u32(8);
+        buf.put_u64(ms);
+    }
     Ok(buf.freeze())
 }
 
 /// Puts the header of a record of `kind`; answers its format.
+#[cfg(test)]
 fn put_header(buf: &mut BytesMut, kind: u8, fingerprint: &Fingerprint) -> u8 {
     let mut header = [0u8; PENDING_LEN_MAX];
     let len = write_header(&mut header, kind, fingerprint);
@@ -818,5 +886,33 @@ mod tests {
         );
         let captured = StoredResponse::capture(StatusCode::OK, &plain, Bytes::new());
         assert_eq!(captured.headers.len(), 1);
+    }
+
+    #[test]
+    fn an_expiring_record_is_format_2_with_its_expiry_and_reads_as_the_same_record() {
+        let response = StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![(
+                HeaderName::from_static("location"),
+                HeaderValue::from_static("/payments/1"),
+            )],
+            body: Bytes::from_static(b"{}"),
+        };
+        let raw = encode_completed_expiring(&fp(), &response, 1_780_000_000_123).expect("encodes");
+        assert_eq!(raw[2], FORMAT_2);
+        let (record, expires_at) = Record::decode_with_expiry(raw.clone()).expect("decodes");
+        assert_eq!(expires_at, Some(1_780_000_000_123));
+        assert_eq!(
+            record,
+            Record::Completed {
+                fingerprint: fp(),
+                response: response.clone()
+            }
+        );
+        // A record without the section has no expiry; the section is additional: a reader that
+        // did not know it (the previous release) skips it, as `decode` does here.
+        let plain = encode_completed(&fp(), &response).expect("encodes");
+        assert_eq!(Record::decode_with_expiry(plain).expect("decodes").1, None);
+        assert_eq!(Record::decode(raw).expect("decodes"), record);
     }
 }
