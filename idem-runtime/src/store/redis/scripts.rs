@@ -174,17 +174,27 @@ fn command(verb: &str, script: &str, key: &[u8], args: &[Arg<'_>]) -> Cmd {
 /// A pending record that holds this very ticket's token is this request's own claim, written by
 /// an earlier attempt of the same call whose answer was lost (a connection that broke after the
 /// command was sent, re-sent by the client or by the store): it answers `Acquired`.
+#[cfg(test)]
 pub(crate) fn parse_claim(value: Value, ticket: &Ticket) -> Result<Claim, StoreError> {
+    parse_claim_expiring(value, ticket).map(|(claim, _)| claim)
+}
+
+/// [`parse_claim`], and the expiry a completed record it replays carries (milliseconds since
+/// the Unix epoch, by its writer's clock), if any.
+pub(crate) fn parse_claim_expiring(
+    value: Value,
+    ticket: &Ticket,
+) -> Result<(Claim, Option<u64>), StoreError> {
     match value {
-        Value::Int(1) => Ok(Claim::Acquired),
+        Value::Int(1) => Ok((Claim::Acquired, None)),
         Value::Array(items) => match <[Value; 2]>::try_from(items) {
             Ok([Value::BulkString(raw), Value::Int(pttl)]) => {
                 if raw.as_slice() == ticket.pending_record() {
-                    return Ok(Claim::Acquired);
+                    return Ok((Claim::Acquired, None));
                 }
-                let record = Record::decode(Bytes::from(raw))?;
+                let (record, expires_at) = Record::decode_with_expiry(Bytes::from(raw))?;
                 let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
-                Ok(classify(record, ticket, remaining))
+                Ok((classify(record, ticket, remaining), expires_at))
             }
             _ => Err(StoreError::Protocol(
                 "claim answered a malformed array".into(),
@@ -213,23 +223,57 @@ pub(crate) fn native_claim(key: &[u8], pending: &[u8], lease: Duration) -> Cmd {
 /// Parses the native claim's answer. The remaining lease of an in-flight record is not in it: its
 /// `retry_after` is the whole `lease`, an upper bound, which the stores replace with the record's
 /// `PTTL` (see [`pttl`] and [`remaining_lease`]): a second round trip, on a 409 only.
+#[cfg(test)]
 pub(crate) fn parse_native_claim(
     value: Value,
     ticket: &Ticket,
     lease: Duration,
 ) -> Result<Claim, StoreError> {
+    parse_native_claim_expiring(value, ticket, lease).map(|(claim, _)| claim)
+}
+
+/// [`parse_native_claim`], and the expiry a completed record it replays carries, if any.
+pub(crate) fn parse_native_claim_expiring(
+    value: Value,
+    ticket: &Ticket,
+    lease: Duration,
+) -> Result<(Claim, Option<u64>), StoreError> {
     match value {
-        Value::Nil => Ok(Claim::Acquired),
+        Value::Nil => Ok((Claim::Acquired, None)),
         Value::BulkString(raw) => {
             if raw.as_slice() == ticket.pending_record() {
-                return Ok(Claim::Acquired);
+                return Ok((Claim::Acquired, None));
             }
-            let record = Record::decode(Bytes::from(raw))?;
-            Ok(classify(record, ticket, lease))
+            let (record, expires_at) = Record::decode_with_expiry(Bytes::from(raw))?;
+            Ok((classify(record, ticket, lease), expires_at))
         }
         other => Err(StoreError::Protocol(format!("claim answered {other:?}"))),
     }
 }
+
+/// The expiry a Redis store writes into a completed record kept for `ttl` from now: milliseconds
+/// since the Unix epoch by this instance's clock.
+pub(crate) fn expires_at(ttl: Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from((now + ttl).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long a completed record whose section says it expires at `expires_at` may still be
+/// copied by this instance: until then by this instance's clock, less [`CLOCK_SKEW`] (the
+/// writer's clock may run ahead of this one's).
+pub(crate) fn remaining_life(expires_at: Option<u64>) -> Option<Duration> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let left = Duration::from_millis(expires_at?).checked_sub(now)?;
+    left.checked_sub(CLOCK_SKEW)
+}
+
+/// How far apart the clocks of two instances may be (synchronised by NTP) for a record's expiry,
+/// written by one, to be read by the other's clock.
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(1);
 
 /// `PTTL <key>`: how long an in-flight record's lease still runs.
 pub(crate) fn pttl(key: &[u8]) -> Cmd {

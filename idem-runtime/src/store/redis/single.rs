@@ -20,15 +20,16 @@ use super::{
     eviction::EvictionCheck,
     lanes::{Call, Lanes},
     scripts::{
-        native_claim, parse_claim, parse_native_claim, parse_ownership, pttl, refuses_native_claim,
-        remaining_lease, Arg, ClaimMode, Lua, Scripts,
+        expires_at, native_claim, parse_claim_expiring, parse_native_claim_expiring,
+        parse_ownership, pttl, refuses_native_claim, remaining_lease, remaining_life, Arg,
+        ClaimMode, Lua, Scripts,
     },
     steps::{load_command, parse_load, STEP_SCRIPT},
     KeyFormat, Options,
 };
 use crate::{
     protocol::Claim,
-    record::{encode_completed, StoredResponse},
+    record::{encode_completed_expiring, StoredResponse},
     store::{Ownership, Store, StoreError, Ticket},
 };
 
@@ -206,6 +207,37 @@ impl RedisStore {
         self.inner.claim_mode.fall_back();
     }
 
+    /// [`Store::claim`], and how long a completed record it replays still lives (from the
+    /// expiry the record carries), for the replay cache.
+    pub(crate) async fn claim_expiring(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+    ) -> Result<(Claim, Option<Duration>), StoreError> {
+        if self.inner.claim_mode.is_native() {
+            match self.claim_natively(ticket, lease).await? {
+                Some(value) => {
+                    return match parse_native_claim_expiring(value, ticket, lease)? {
+                        (Claim::InFlight { .. }, _) => Ok((
+                            Claim::InFlight {
+                                retry_after: self.remaining(ticket, lease).await,
+                            },
+                            None,
+                        )),
+                        (claim, expires_at) => Ok((claim, remaining_life(expires_at))),
+                    }
+                }
+                None => self.inner.claim_mode.fall_back(),
+            }
+        }
+        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+        let value = self
+            .eval(Call::Claim, &self.inner.scripts.claim, ticket, &args)
+            .await?;
+        let (claim, expires_at) = parse_claim_expiring(value, ticket)?;
+        Ok((claim, remaining_life(expires_at)))
+    }
+
     /// The native claim: one `SET ... NX GET` round trip. `None` when the server refused the
     /// syntax (older than Redis 7.0): the caller claims with the script instead.
     async fn claim_natively(
@@ -293,24 +325,9 @@ impl Store for RedisStore {
     }
 
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        if self.inner.claim_mode.is_native() {
-            match self.claim_natively(ticket, lease).await? {
-                Some(value) => {
-                    return match parse_native_claim(value, ticket, lease)? {
-                        Claim::InFlight { .. } => Ok(Claim::InFlight {
-                            retry_after: self.remaining(ticket, lease).await,
-                        }),
-                        claim => Ok(claim),
-                    }
-                }
-                None => self.inner.claim_mode.fall_back(),
-            }
-        }
-        let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-        let value = self
-            .eval(Call::Claim, &self.inner.scripts.claim, ticket, &args)
-            .await?;
-        parse_claim(value, ticket)
+        self.claim_expiring(ticket, lease)
+            .await
+            .map(|(claim, _)| claim)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
@@ -327,7 +344,7 @@ impl Store for RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
-        let record = encode_completed(ticket.fingerprint(), response)?;
+        let record = encode_completed_expiring(ticket.fingerprint(), response, expires_at(ttl))?;
         let args = [
             Arg::Bytes(ticket.pending_record()),
             Arg::Bytes(&record),

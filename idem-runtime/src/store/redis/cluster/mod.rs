@@ -61,15 +61,16 @@ use deadpool_redis::{
 use super::{
     lanes::{Call, Lanes},
     scripts::{
-        millis, native_claim, parse_claim, parse_native_claim, parse_ownership, pttl,
-        refuses_native_claim, remaining_lease, Arg, ClaimMode, Lua, Scripts,
+        expires_at, millis, native_claim, parse_claim_expiring, parse_native_claim_expiring,
+        parse_ownership, pttl, refuses_native_claim, remaining_lease, remaining_life, Arg,
+        ClaimMode, Lua, Scripts,
     },
     steps::{load_command, parse_load, STEP_SCRIPT},
     KeyFormat, Options,
 };
 use crate::{
     protocol::Claim,
-    record::{encode_completed, StoredResponse},
+    record::{encode_completed_expiring, StoredResponse},
     store::{Ownership, Store, StoreError, Ticket},
 };
 
@@ -262,6 +263,69 @@ impl RedisClusterStore {
         }
     }
 
+    /// [`Store::claim`], and how long a completed record it replays still lives (from the
+    /// expiry the record carries), for the replay cache.
+    pub(crate) async fn claim_expiring(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+    ) -> Result<(Claim, Option<Duration>), StoreError> {
+        // The cluster client re-sends a command whose connection broke before the answer came (a
+        // master failing over, a reconnect): the second attempt can find the pending record the
+        // first one wrote, and `parse_claim` recognises it as this request's own claim.
+        let native = if self.inner.claim_mode.is_native() {
+            let answer = self.claim_natively(ticket, lease, self.inner.wait).await?;
+            if answer.is_none() {
+                self.inner.claim_mode.fall_back();
+            }
+            answer
+        } else {
+            None
+        };
+        let claim = match native {
+            Some((value, acked)) => match parse_native_claim_expiring(value, ticket, lease)? {
+                (Claim::InFlight { .. }, _) => (
+                    Claim::InFlight {
+                        retry_after: self.remaining(ticket, lease).await,
+                    },
+                    None,
+                    acked,
+                ),
+                (claim, expires_at) => (claim, expires_at, acked),
+            },
+            None => {
+                let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
+                let (value, acked) = self
+                    .eval(
+                        Call::Claim,
+                        &self.inner.scripts.claim,
+                        ticket,
+                        &args,
+                        self.inner.wait,
+                    )
+                    .await?;
+                let (claim, expires_at) = parse_claim_expiring(value, ticket)?;
+                (claim, expires_at, acked)
+            }
+        };
+        let (claim, expires_at, acked) = claim;
+        if claim == Claim::Acquired {
+            if let Err(err) = self.replicated(acked) {
+                // The handler will not run: free the key rather than leave retries in flight until
+                // the lease runs out. In the background, so that a dying master does not hold up
+                // the 503; best effort, the lease frees the key otherwise.
+                let (store, ticket) = (self.clone(), ticket.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.release(&ticket).await {
+                        tracing::debug!(error = %e, "an unreplicated claim was not released");
+                    }
+                });
+                return Err(err);
+            }
+        }
+        Ok((claim, remaining_life(expires_at)))
+    }
+
     /// Makes the store claim with the Lua script, as it does on a Redis older than 7.0.
     #[cfg(feature = "testing")]
     pub(crate) fn claim_with_lua(&self) {
@@ -368,58 +432,9 @@ impl Store for RedisClusterStore {
     }
 
     async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
-        // The cluster client re-sends a command whose connection broke before the answer came (a
-        // master failing over, a reconnect): the second attempt can find the pending record the
-        // first one wrote, and `parse_claim` recognises it as this request's own claim.
-        let native = if self.inner.claim_mode.is_native() {
-            let answer = self.claim_natively(ticket, lease, self.inner.wait).await?;
-            if answer.is_none() {
-                self.inner.claim_mode.fall_back();
-            }
-            answer
-        } else {
-            None
-        };
-        let claim = match native {
-            Some((value, acked)) => match parse_native_claim(value, ticket, lease)? {
-                Claim::InFlight { .. } => (
-                    Claim::InFlight {
-                        retry_after: self.remaining(ticket, lease).await,
-                    },
-                    acked,
-                ),
-                claim => (claim, acked),
-            },
-            None => {
-                let args = [Arg::Bytes(ticket.pending_record()), Arg::Millis(lease)];
-                let (value, acked) = self
-                    .eval(
-                        Call::Claim,
-                        &self.inner.scripts.claim,
-                        ticket,
-                        &args,
-                        self.inner.wait,
-                    )
-                    .await?;
-                (parse_claim(value, ticket)?, acked)
-            }
-        };
-        let (claim, acked) = claim;
-        if claim == Claim::Acquired {
-            if let Err(err) = self.replicated(acked) {
-                // The handler will not run: free the key rather than leave retries in flight until
-                // the lease runs out. In the background, so that a dying master does not hold up
-                // the 503; best effort, the lease frees the key otherwise.
-                let (store, ticket) = (self.clone(), ticket.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.release(&ticket).await {
-                        tracing::debug!(error = %e, "an unreplicated claim was not released");
-                    }
-                });
-                return Err(err);
-            }
-        }
-        Ok(claim)
+        self.claim_expiring(ticket, lease)
+            .await
+            .map(|(claim, _)| claim)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
@@ -436,7 +451,7 @@ impl Store for RedisClusterStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
-        let record = encode_completed(ticket.fingerprint(), response)?;
+        let record = encode_completed_expiring(ticket.fingerprint(), response, expires_at(ttl))?;
         let args = [
             Arg::Bytes(ticket.pending_record()),
             Arg::Bytes(&record),
