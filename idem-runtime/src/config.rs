@@ -4,7 +4,12 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use actix_web::HttpRequest;
 
-use crate::{scope::ScopeId, store::Store, waiters::Waiters};
+use crate::{
+    cache::ReplayCache,
+    scope::ScopeId,
+    store::{memory::MemoryStore, Store},
+    waiters::Waiters,
+};
 
 type Resolver = dyn Fn(&HttpRequest) -> Result<ScopeId, actix_web::Error> + Send + Sync;
 
@@ -54,6 +59,10 @@ pub(crate) struct Settings {
     pub(crate) resolver: Option<Arc<Resolver>>,
     /// The duplicates waiting for in-flight requests of this store, in this process.
     pub(crate) waiters: Arc<Waiters>,
+    /// Copies of completed records, replayed without a store round trip (`None`: off).
+    pub(crate) replay_cache: Option<Arc<ReplayCache>>,
+    /// Its capacity in bytes (0: off).
+    pub(crate) replay_cache_bytes: usize,
 }
 
 impl Idempotency {
@@ -78,8 +87,19 @@ impl Idempotency {
         Self::from_arc(Arc::new(store))
     }
 
+    /// The default capacity of the replay cache: 16 MiB of copies of completed records (about
+    /// 30,000 responses of half a kilobyte).
+    pub const DEFAULT_REPLAY_CACHE: usize = 16 * 1024 * 1024;
+
     /// A configuration over a shared store.
     pub fn from_arc(store: Arc<dyn Store>) -> Self {
+        // The memory store is in this process already: a copy would only double its records.
+        let any: &dyn std::any::Any = &*store;
+        let replay_cache_bytes = if any.is::<MemoryStore>() {
+            0
+        } else {
+            Self::DEFAULT_REPLAY_CACHE
+        };
         Self {
             inner: Arc::new(Settings {
                 store,
@@ -90,6 +110,9 @@ impl Idempotency {
                 unavailable_retry_after: Self::DEFAULT_UNAVAILABLE_RETRY_AFTER,
                 resolver: None,
                 waiters: Arc::default(),
+                replay_cache: (replay_cache_bytes > 0)
+                    .then(|| Arc::new(ReplayCache::new(replay_cache_bytes))),
+                replay_cache_bytes,
             }),
         }
     }
@@ -168,6 +191,30 @@ impl Idempotency {
         self.edit(|s| s.unavailable_retry_after = after)
     }
 
+    /// The capacity, in bytes, of this instance's **replay cache** (default
+    /// [`DEFAULT_REPLAY_CACHE`](Self::DEFAULT_REPLAY_CACHE), 16 MiB; `0` turns it off; off by
+    /// default over a [`MemoryStore`], which is in the process already).
+    ///
+    /// The cache keeps copies of completed records in this process's memory, so that a retry of
+    /// a completed request is replayed without a store round trip, and a retry storm on one key
+    /// costs the store one read per instance. A copy answers exactly as the store would (the
+    /// same response to the same request, 422 to a different one) and never outlives its
+    /// record: it lasts the record's ttl from this instance's completion, or the record's
+    /// remaining life when a claim read it (the Redis stores write the expiry into the record,
+    /// read by this instance's clock less a second; `PostgresStore` answers it by its own
+    /// clock), and at most 10 minutes. What it changes: **a record deleted from the store by
+    /// hand keeps replaying on an instance that holds a copy until the copy ends** (at most 10
+    /// minutes, or restart the instance). Copies are weighed by their headers and body; the
+    /// least used go first when the capacity is reached, and a response over a sixteenth of
+    /// the capacity is not copied.
+    #[must_use]
+    pub fn replay_cache(self, bytes: usize) -> Self {
+        self.edit(|s| {
+            s.replay_cache = (bytes > 0).then(|| Arc::new(ReplayCache::new(bytes)));
+            s.replay_cache_bytes = bytes;
+        })
+    }
+
     /// How handlers that name no `scope` find the caller: a function of the request that returns
     /// the caller's id, or an error response (such as 401) that is sent instead.
     #[must_use]
@@ -214,6 +261,7 @@ impl fmt::Debug for Idempotency {
             .field("max_body", &s.max_body)
             .field("max_response", &s.max_response)
             .field("unavailable_retry_after", &s.unavailable_retry_after)
+            .field("replay_cache", &s.replay_cache_bytes)
             .field("scope_resolver", &s.resolver.is_some())
             .finish_non_exhaustive()
     }

@@ -38,6 +38,7 @@
 //! | `key`, `scope`, `fingerprint`, `encoding` | the key header, the record address (scope, key), the request fingerprint and the ids of its encodings |
 //! | `record` | stored responses and the versioned binary record encoding |
 //! | `protocol`, `policy` | what a claim answers, which responses are stored: plain functions |
+//! | `cache` | the replay cache: copies of completed records in this process, bounded in bytes, none outliving its record |
 //! | `lifecycle`, `waiters` | the state machine over the [`Store`] trait (claim, wait, run and renew, settle), without actix-web; the waiters of one record sharing one poll |
 //! | `http` | the actix-web adapter: the macro's contract, body reading, run-to-end, capture and replay |
 //! | `observe` | the metrics, through the `metrics` facade (the application installs the recorder) |
@@ -54,6 +55,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod cache;
 mod config;
 mod encoding;
 mod fingerprint;

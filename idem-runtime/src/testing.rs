@@ -101,3 +101,11 @@ pub fn cluster_claim_with_lua(store: &RedisClusterStore) {
 pub fn claim_command(key: &[u8], pending: &[u8], lease_ms: u64) -> redis::Cmd {
     scripts::native_claim(key, pending, Duration::from_millis(lease_ms))
 }
+
+/// The bytes the replay cache of `idem` holds now (after its pending upkeep); 0 when it is off.
+pub async fn replay_cache_weight(idem: &crate::Idempotency) -> u64 {
+    match &idem.inner.replay_cache {
+        Some(cache) => cache.weighed().await,
+        None => 0,
+    }
+}

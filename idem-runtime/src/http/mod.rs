@@ -196,6 +196,7 @@ where
         ticket,
         &policy,
         &settings.waiters,
+        settings.replay_cache.as_deref(),
         |encoding| fingerprint_in(encoding, spec.fingerprint, &req, &body),
     )
     .await;
@@ -276,7 +277,8 @@ where
     ));
     steps.install(&req);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
-    let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
+    let owned = Owned::new(Arc::clone(&settings.store), ticket, policy)
+        .with_cache(settings.replay_cache.clone());
     let max_response = settings.max_response;
     // Still counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     // Counted as running here until it settles: a duplicate's 409 then says how long it takes.

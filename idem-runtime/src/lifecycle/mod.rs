@@ -38,6 +38,7 @@ pub(crate) use self::{
 };
 
 use crate::{
+    cache::ReplayCache,
     encoding::FingerprintEncoding,
     fingerprint::Fingerprint,
     observe::{self, Op},
@@ -93,14 +94,28 @@ impl Policy {
 /// Claims the ticket's record; with a wait, waits for an in-flight record to complete, or for the
 /// wait to run out. The waiters of one record in this process share one poll of the store and
 /// wake when it settles here (see [`crate::waiters`]).
+#[cfg(test)]
 pub(crate) async fn claim(
     store: &dyn Store,
     ticket: &Ticket,
     policy: &Policy,
     waiters: &Waiters,
 ) -> Result<Claim, StoreError> {
-    let kind = store.kind();
-    let answer = observe::timed(Op::Claim, kind, store.claim(ticket, policy.lease)).await?;
+    claim_via(store, ticket, policy, waiters, None).await
+}
+
+/// [`claim`], answered from `cache` when it holds a copy of the record (see [`crate::cache`]).
+async fn claim_via(
+    store: &dyn Store,
+    ticket: &Ticket,
+    policy: &Policy,
+    waiters: &Waiters,
+    cache: Option<&ReplayCache>,
+) -> Result<Claim, StoreError> {
+    let answer = match cache {
+        Some(cache) => cache.claim(store, ticket, policy.lease).await?,
+        None => observe::timed(Op::Claim, store.kind(), store.claim(ticket, policy.lease)).await?,
+    };
     let (Claim::InFlight { .. }, Some(wait)) = (&answer, policy.in_flight_wait) else {
         return Ok(answer);
     };
@@ -132,11 +147,12 @@ pub(crate) async fn claim_in_record_encoding(
     mut ticket: Ticket,
     policy: &Policy,
     waiters: &Waiters,
+    cache: Option<&ReplayCache>,
     mut fingerprint_in: impl FnMut(FingerprintEncoding) -> Option<Fingerprint>,
 ) -> Result<(Claim, Ticket), StoreError> {
     let mut again = 0;
     loop {
-        let answer = claim(store, &ticket, policy, waiters).await?;
+        let answer = claim_via(store, &ticket, policy, waiters, cache).await?;
         let Claim::OtherEncoding { encoding } = answer else {
             return Ok((answer, ticket));
         };
@@ -192,6 +208,8 @@ pub(crate) struct Owned {
     store: Arc<dyn Store>,
     ticket: Ticket,
     policy: Policy,
+    /// Where a copy of the completed record goes.
+    cache: Option<Arc<ReplayCache>>,
 }
 
 /// The handler's work panicked.
@@ -216,7 +234,14 @@ impl Owned {
             store,
             ticket,
             policy,
+            cache: None,
         }
+    }
+
+    /// Keeps a copy of the record in `cache` once it is completed.
+    pub(crate) fn with_cache(mut self, cache: Option<Arc<ReplayCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Runs `work` (the handler, and reading its response) to its end while renewing the lease
@@ -257,6 +282,8 @@ impl Owned {
         match policy::disposition(response.status, self.policy.server_errors) {
             Disposition::Store => {
                 let binding = completion.holds_the_handlers_writes();
+                // The store keeps the record for the ttl from when it receives it: later than now.
+                let sent = std::time::Instant::now();
                 let written = completion
                     .complete(
                         &*self.store,
@@ -267,7 +294,13 @@ impl Owned {
                     )
                     .await;
                 match written {
-                    Ok(Ownership::Held) => {}
+                    Ok(Ownership::Held) => {
+                        if let Some(cache) = &self.cache {
+                            cache
+                                .completed(&self.ticket, &response, sent + self.policy.ttl)
+                                .await;
+                        }
+                    }
                     // The handler's writes were rolled back with the completion: its response
                     // would tell the client about work that did not happen.
                     Ok(Ownership::Lost) if binding => {
@@ -929,9 +962,10 @@ mod tests {
         let w = Waiters::default();
         // The previous release's request, still running: the same request waits (409).
         let first = acquire(&store, &ticket(b"a"), p).await;
-        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, raw_of(b"a"))
-            .await
-            .expect("claims");
+        let (answer, _) =
+            claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, None, raw_of(b"a"))
+                .await
+                .expect("claims");
         assert!(matches!(answer, Claim::InFlight { .. }), "{answer:?}");
         // Completed: the same request replays, in two claims; a different one is 422.
         first
@@ -942,25 +976,27 @@ mod tests {
             .await;
         let before = counting.claims.load(Ordering::Relaxed);
         let (answer, used) =
-            claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, raw_of(b"a"))
+            claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, None, raw_of(b"a"))
                 .await
                 .expect("claims");
         assert_eq!(answer, Claim::Replay(response(201)));
         assert_eq!(used.fingerprint().encoding(), FingerprintEncoding::RAW_V2);
         assert_eq!(counting.claims.load(Ordering::Relaxed) - before, 2);
-        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"b"), &p, &w, raw_of(b"b"))
-            .await
-            .expect("claims");
+        let (answer, _) =
+            claim_in_record_encoding(&*store, in_newer(b"b"), &p, &w, None, raw_of(b"b"))
+                .await
+                .expect("claims");
         assert_eq!(answer, Claim::Mismatch);
         // A ticket in the record's own encoding costs one claim, as before.
         let before = counting.claims.load(Ordering::Relaxed);
-        let (answer, _) = claim_in_record_encoding(&*store, ticket(b"a"), &p, &w, raw_of(b"a"))
-            .await
-            .expect("claims");
+        let (answer, _) =
+            claim_in_record_encoding(&*store, ticket(b"a"), &p, &w, None, raw_of(b"a"))
+                .await
+                .expect("claims");
         assert_eq!(answer, Claim::Replay(response(201)));
         assert_eq!(counting.claims.load(Ordering::Relaxed) - before, 1);
         // An encoding this release cannot compute stays unanswered: the caller's 503.
-        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, |_| None)
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, None, |_| None)
             .await
             .expect("claims");
         assert_eq!(
@@ -971,7 +1007,7 @@ mod tests {
         );
         // A record that keeps answering another encoding is given up on after the limit.
         let calls = AtomicUsize::new(0);
-        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, |_| {
+        let (answer, _) = claim_in_record_encoding(&*store, in_newer(b"a"), &p, &w, None, |_| {
             calls.fetch_add(1, Ordering::Relaxed);
             Some(in_newer(b"a").fingerprint().to_owned())
         })

@@ -251,3 +251,24 @@ pub trait Store: std::any::Any + Send + Sync + 'static {
         "custom"
     }
 }
+
+/// [`Store::claim`] (timed in the metrics), and how long a completed record the claim replays
+/// still lives, where the store can tell: the built-in network stores can, a custom store
+/// answers `None`. For the replay cache.
+pub(crate) async fn claim_with_life(
+    store: &dyn Store,
+    ticket: &Ticket,
+    lease: Duration,
+) -> Result<(Claim, Option<Duration>), StoreError> {
+    use crate::observe::{self, Op};
+    let kind = store.kind();
+    let any: &dyn std::any::Any = store;
+    if let Some(redis) = any.downcast_ref::<redis::RedisStore>() {
+        return observe::timed(Op::Claim, kind, redis.claim_expiring(ticket, lease)).await;
+    }
+    if let Some(cluster) = any.downcast_ref::<redis::RedisClusterStore>() {
+        return observe::timed(Op::Claim, kind, cluster.claim_expiring(ticket, lease)).await;
+    }
+    let claim = observe::timed(Op::Claim, kind, store.claim(ticket, lease)).await?;
+    Ok((claim, None))
+}
