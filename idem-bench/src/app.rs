@@ -382,6 +382,8 @@ async fn get_lua(req: HttpRequest, account: Account) -> HttpResponse {
 /// A running app server.
 pub(crate) struct Server {
     pub(crate) port: u16,
+    /// The configuration of the RedisStore rows with the replay cache.
+    pub(crate) cached: Idempotency,
     handle: ServerHandle,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -413,7 +415,12 @@ pub(crate) fn start(cfg: &AppConfig) -> Result<Server, String> {
     let store = RedisStore::builder(pool(&cfg.redis_url, cfg.lanes.max(1) + 2)?)
         .lanes(cfg.lanes)
         .build();
-    let redis_idem = Idempotency::new(store);
+    // The same store twice: with the replay cache (the default) and without it, so that a replay
+    // through the store is measured too.
+    let store: Arc<dyn idem::Store> = Arc::new(store);
+    let redis_idem = Idempotency::from_arc(Arc::clone(&store));
+    let uncached_idem = Idempotency::from_arc(store).replay_cache(0);
+    let cached = redis_idem.clone();
     // Every unique-key request of every round stays stored for the rows' 24 h ttl: millions of
     // records in a run, past the default capacity (256 MiB), which would answer 503 to new keys.
     let memory_idem = Idempotency::new(MemoryStore::with_capacity(MEMORY_CAPACITY));
@@ -482,6 +489,11 @@ pub(crate) fn start(cfg: &AppConfig) -> Result<Server, String> {
                             .route(web::post().to(create_payment)),
                     )
                     .service(
+                        web::resource("/redis-uncached/payments")
+                            .app_data(uncached_idem.clone())
+                            .route(web::post().to(create_payment)),
+                    )
+                    .service(
                         web::resource("/redis/step")
                             .app_data(redis_idem.clone())
                             .route(web::post().to(create_payment_step)),
@@ -514,6 +526,7 @@ pub(crate) fn start(cfg: &AppConfig) -> Result<Server, String> {
         .and_then(|r| r)?;
     Ok(Server {
         port,
+        cached,
         handle,
         thread: Some(thread),
     })

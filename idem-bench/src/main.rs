@@ -135,8 +135,9 @@ options:
                    --connections and --workers apply)
   --preload        with --postgres: then load 10^6 live and 10^6 expired records, run the
                    first-request rows again, and measure the sweep's rate
-  --metrics        install a metrics recorder (Prometheus, never rendered; upkeep every 5 s) for
-                   the whole run: compare with a run without it for the cost of idem's metrics";
+  --metrics        install a metrics recorder (Prometheus with the README's buckets, never
+                   rendered; upkeep every 5 s) for the whole run: compare with a run without it,
+                   back to back, for the cost of idem's metrics";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seed {
@@ -275,8 +276,19 @@ const ROWS: &[RowDef] = &[
     RowDef {
         id: "idem-redis-replay",
         num: "4",
-        label: "`#[idempotent]`, RedisStore, one key (every request a replay)",
+        label: "`#[idempotent]`, RedisStore, one key (every request a replay, from the replay cache)",
         path: "/redis/payments",
+        keys: Keys::Fixed,
+        baseline: Some("plain"),
+        redis: true,
+        inner: NONE,
+        seed: Seed::Itself,
+    },
+    RowDef {
+        id: "idem-redis-replay-store",
+        num: "4u",
+        label: "`#[idempotent]`, RedisStore with `replay_cache(0)`, one key (every replay reads the store)",
+        path: "/redis-uncached/payments",
         keys: Keys::Fixed,
         baseline: Some("get"),
         redis: true,
@@ -328,6 +340,7 @@ const DEFAULT_ROWS: &[&str] = &[
     "get",
     "get-lua",
     "idem-redis-replay",
+    "idem-redis-replay-store",
     "idem-redis-step-replay",
     "idem-memory-first",
     "idem-memory-replay",
@@ -616,7 +629,8 @@ fn monitor_check(redis: &RedisServer, port: u16) -> Result<(String, String), Str
     redis.cli(&["ECHO", "idem-bench-first"]);
     let first = probe::post(port, "/redis/payments", "monitor-probe")?;
     redis.cli(&["ECHO", "idem-bench-replay"]);
-    let replay = probe::post(port, "/redis/payments", "monitor-probe")?;
+    // Through the store: with the replay cache, the replay would send nothing.
+    let replay = probe::post(port, "/redis-uncached/payments", "monitor-probe")?;
     redis.cli(&["ECHO", "idem-bench-end"]);
     std::thread::sleep(Duration::from_millis(300));
     let _ = child.kill();
@@ -720,11 +734,27 @@ fn check_endpoints(port: u16) -> Result<(), String> {
     Ok(())
 }
 
-/// Installs the Prometheus recorder as the global one, the way an application does, so that every
-/// metric idem emits is recorded; nothing renders it during the run. Its upkeep (draining the
-/// histograms) runs every 5 s on a thread of its own, as an exporter's would.
+/// Installs the Prometheus recorder as the global one, the way the README tells an application
+/// to (buckets for idem's histograms), so that every metric idem emits is recorded; nothing
+/// renders it during the run. Its upkeep (draining the histograms) runs every 5 s on a thread of
+/// its own, as an exporter's would.
 fn install_recorder() -> Result<(), String> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("idem_store_operation_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("idem_wait_seconds".into()),
+                &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            )
+        })
+        .map_err(|e| format!("the metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("installing the metrics recorder: {e}"))?;
     std::thread::spawn(move || loop {
@@ -836,6 +866,10 @@ fn run() -> Result<(), String> {
 
     let monitor = monitor_check(&redis, port)?;
     let same_scripts = scripts_match(&redis, port)?;
+    // What the replay cache holds after every row ran: the unique-key rows completed hundreds of
+    // thousands of records through it.
+    let cache_bytes = actix_rt::System::new()
+        .block_on(idem_runtime::testing::replay_cache_weight(&server.cached));
     print!(
         "{}",
         report(
@@ -843,8 +877,11 @@ fn run() -> Result<(), String> {
             &rows,
             &stats,
             &memory,
-            Some((monitor.0.as_str(), monitor.1.as_str())),
-            same_scripts,
+            &Checks {
+                monitor: Some((monitor.0.as_str(), monitor.1.as_str())),
+                same_scripts,
+                cache_bytes,
+            },
             started.elapsed()
         )
     );
@@ -868,15 +905,30 @@ fn ratio(stats: &BTreeMap<&str, RowStats>, row: &RowDef) -> Option<f64> {
     (base > 0.0).then(|| own / base)
 }
 
+/// What the run checked besides the rows' figures.
+#[derive(Clone, Copy)]
+struct Checks<'a> {
+    /// The commands MONITOR saw for one first request and one uncached replay.
+    monitor: Option<(&'a str, &'a str)>,
+    /// Whether the server's scripts are the bench's copy.
+    same_scripts: bool,
+    /// What the replay cache held after every row ran, in bytes.
+    cache_bytes: u64,
+}
+
 fn report(
     opts: &Options,
     rows: &[&RowDef],
     stats: &BTreeMap<&str, RowStats>,
     memory: &Memory,
-    monitor: Option<(&str, &str)>,
-    same_scripts: bool,
+    checks: &Checks<'_>,
     elapsed: Duration,
 ) -> String {
+    let Checks {
+        monitor,
+        same_scripts,
+        cache_bytes,
+    } = *checks;
     let mut out = String::new();
     let _ = writeln!(out, "\n## idem-bench\n");
     let _ = writeln!(out, "{}", machine());
@@ -974,14 +1026,19 @@ fn report(
         );
     }
 
-    let _ = writeln!(out, "\nTargets (issue 5):");
+    let _ = writeln!(out, "\nTargets (issues 5, 11 and 22):");
     let get = |id: &str| stats.get(id);
     let mut check = |name: String, ok: bool| {
         let _ = writeln!(out, "- [{}] {name}", if ok { "x" } else { " " });
     };
     for (id, name, target, inner) in [
         ("idem-redis-first", "first request", 2.0, COMPLETE_SCRIPT),
-        ("idem-redis-replay", "replay", 1.0, NONE),
+        (
+            "idem-redis-replay-store",
+            "replay without the cache",
+            1.0,
+            NONE,
+        ),
     ] {
         if let Some(s) = get(id) {
             let per = s.sent_per_request(inner);
@@ -1008,15 +1065,21 @@ fn report(
         ),
         (
             "idem-redis-replay",
+            "plain",
+            0.9,
+            "`#[idempotent]` RedisStore replays (replay cache) vs the plain handler (issue 22)",
+        ),
+        (
+            "idem-redis-replay-store",
             "get",
             0.9,
-            "`#[idempotent]` replays vs one-`GET` handler",
+            "`#[idempotent]` RedisStore replays without the cache vs one-`GET` handler",
         ),
         (
             "idem-memory-first",
             "plain",
             0.8,
-            "MemoryStore first requests vs plain",
+            "MemoryStore first requests vs plain (issue 22)",
         ),
         (
             "idem-memory-replay",
@@ -1031,6 +1094,27 @@ fn report(
             check(format!("{name}: {r:.2}× (target ≥ {target}×)"), r >= target);
         }
     }
+    if let Some(s) = get("idem-redis-replay") {
+        let reads: u64 = s.commands.values().sum();
+        check(
+            format!(
+                "retry storm: {} replays of one completed key (measured, all rounds) sent {reads} Redis commands (target: at most 1 read per instance; issue 22)",
+                s.requests
+            ),
+            reads <= 1,
+        );
+    }
+    if stats.contains_key("idem-redis-first") {
+        let capacity = idem::Idempotency::DEFAULT_REPLAY_CACHE as u64;
+        check(
+            format!(
+                "replay cache after every row (hundreds of thousands of unique completed keys): {:.1} MiB of copies, capacity {:.0} MiB (target: within it; issue 22)",
+                cache_bytes as f64 / 1048576.0,
+                capacity as f64 / 1048576.0
+            ),
+            cache_bytes <= capacity,
+        );
+    }
     if let (Some(a), Some(b)) = (get("idem-redis-first"), get("floor")) {
         let r = a.p99_ms() / b.p99_ms();
         check(
@@ -1040,6 +1124,12 @@ fn report(
                 b.p99_ms()
             ),
             r <= 1.5,
+        );
+    }
+    if opts.metrics {
+        let _ = writeln!(
+            out,
+            "- [?] metrics: compare each row's app CPU µs/req with a run without `--metrics`, back to back (target: at most +2%; issue 22)"
         );
     }
     let _ = writeln!(
