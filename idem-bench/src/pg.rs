@@ -316,17 +316,20 @@ fn start(url: &str, workers: usize) -> Result<Server, String> {
 }
 
 /// Statements the app ran since the last reset, by statement, from `pg_stat_statements`
-/// (the bench's own `psql` queries left out).
-fn statements(db: &PostgresServer) -> Vec<(String, u64)> {
+/// (the bench's own `psql` queries left out), with the server's mean execution time of each, in
+/// µs.
+fn statements(db: &PostgresServer) -> Vec<(String, u64, f64)> {
     db.psql(
-        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls FROM pg_stat_statements \
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, \
+                round((mean_exec_time * 1000)::numeric, 1) FROM pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND query NOT ILIKE '%pg_stat_statements%' AND calls > 0 ORDER BY calls DESC",
     )
     .lines()
     .filter_map(|l| {
-        let (query, calls) = l.rsplit_once('|')?;
-        Some((query.to_owned(), calls.parse().ok()?))
+        let (rest, mean) = l.rsplit_once('|')?;
+        let (query, calls) = rest.rsplit_once('|')?;
+        Some((query.to_owned(), calls.parse().ok()?, mean.parse().ok()?))
     })
     .collect()
 }
@@ -343,7 +346,8 @@ fn short(query: &str) -> String {
 
 struct Measured {
     result: WrkResult,
-    per_request: Vec<(String, f64)>,
+    /// Each statement: its text (shortened), calls per request, the server's mean µs.
+    per_request: Vec<(String, f64, f64)>,
 }
 
 fn measure(
@@ -379,8 +383,14 @@ fn measure(
     }
     let per_request = statements(db)
         .into_iter()
-        .map(|(q, calls)| (short(&q), calls as f64 / result.requests.max(1) as f64))
-        .filter(|(_, per)| *per >= 0.005)
+        .map(|(q, calls, mean)| {
+            (
+                short(&q),
+                calls as f64 / result.requests.max(1) as f64,
+                mean,
+            )
+        })
+        .filter(|(_, per, _)| *per >= 0.005)
         .collect();
     Ok(Measured {
         result,
@@ -420,7 +430,7 @@ pub(crate) fn run(opts: &PgOptions, script: &Path) -> Result<String, String> {
     let table = |out: &mut String, results: &[(&Row, Measured)]| {
         let _ = writeln!(
             out,
-            "\n| row | req/s | p50 ms | p99 ms | ratio | statements / request (pg_stat_statements) |"
+            "\n| row | req/s | p50 ms | p99 ms | ratio | statements / request (pg_stat_statements; server's mean time each) |"
         );
         let _ = writeln!(out, "|---|--:|--:|--:|--:|---|");
         for (row, m) in results {
@@ -430,11 +440,11 @@ pub(crate) fn run(opts: &PgOptions, script: &Path) -> Result<String, String> {
                 .map_or("—".to_owned(), |(_, base)| {
                     format!("{:.2}×", m.result.rps() / base.result.rps().max(1e-9))
                 });
-            let total: f64 = m.per_request.iter().map(|(_, n)| n).sum();
+            let total: f64 = m.per_request.iter().map(|(_, n, _)| n).sum();
             let list = m
                 .per_request
                 .iter()
-                .map(|(q, n)| format!("`{q}` {n:.2}"))
+                .map(|(q, n, us)| format!("`{q}` {n:.2} ({us} µs)"))
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = writeln!(
@@ -462,6 +472,7 @@ pub(crate) fn run(opts: &PgOptions, script: &Path) -> Result<String, String> {
         empty.push((row, m));
     }
     table(&mut out, &empty);
+    targets(&mut out, &empty);
 
     if opts.preload {
         let _ = writeln!(
@@ -527,6 +538,54 @@ pub(crate) fn run(opts: &PgOptions, script: &Path) -> Result<String, String> {
         started.elapsed().as_secs_f64()
     );
     Ok(out)
+}
+
+/// Statements per request before issue 22 (`pg_stat_statements`, all runs alike): the first
+/// request's claim and completion, the replay's claim, and the transactional mode's claim,
+/// `BEGIN`, payment `INSERT`, completion and `COMMIT`. (Its sixth round trip then, a `SET LOCAL`
+/// of the commit bound sent through the extended protocol, was not counted by
+/// `pg_stat_statements`; it is folded into the completion now.)
+const STATEMENTS_BEFORE: &[(&str, f64)] = &[("pg-first", 2.0), ("pg-replay", 1.0), ("pg-tx", 5.0)];
+
+/// The targets of issue 22 (goal 3), each with its figure from this run and whether it is met.
+fn targets(out: &mut String, results: &[(&Row, Measured)]) {
+    let find = |id: &str| results.iter().find(|(r, _)| r.id == id).map(|(_, m)| m);
+    let ratio = |row: &str, base: &str| {
+        find(row)
+            .zip(find(base))
+            .map(|(m, b)| m.result.rps() / b.result.rps().max(1e-9))
+    };
+    let met = |ok: bool| if ok { "met" } else { "missed" };
+    let _ = writeln!(out, "\n### Targets (issue 22)\n");
+    let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
+    for (label, row, base) in [
+        ("first requests >= 0.85x the floor", "pg-first", "pg-floor"),
+        (
+            "transactional mode >= 0.85x its floor",
+            "pg-tx",
+            "pg-floor-tx",
+        ),
+    ] {
+        if let Some(r) = ratio(row, base) {
+            let _ = writeln!(out, "| {label} | {r:.2}x | {} |", met(r >= 0.85));
+        }
+    }
+    let mut figures = Vec::new();
+    let mut all = true;
+    for (id, before) in STATEMENTS_BEFORE {
+        if let Some(m) = find(id) {
+            let now: f64 = m.per_request.iter().map(|(_, n, _)| n).sum();
+            // Within a hundredth: a renewal or the bench's own seeding shows as 0.01.
+            all &= now <= before + 0.015;
+            figures.push(format!("{id} {now:.2} (before {before:.0})"));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "| statements per request as before or fewer | {} | {} |",
+        figures.join(", "),
+        met(all)
+    );
 }
 
 /// The sweep's rate over the expired rows: `PostgresStore::sweep` in batches of 10,000 until a

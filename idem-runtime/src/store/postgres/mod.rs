@@ -23,7 +23,8 @@ mod verify;
 
 pub use self::sql::InvalidTableName;
 use self::sql::{
-    session_sql, sql_millis, Isolation, Statements, TableName, EXPECTED, MIGRATE_TIMEOUT,
+    commit_bound, session_sql, sql_millis, Isolation, Statements, TableName, EXPECTED,
+    MIGRATE_TIMEOUT,
 };
 pub(crate) use self::transaction::RequestTransaction;
 pub use self::transaction::{NotTransactional, PgTransaction, PgTransactionGuard};
@@ -135,6 +136,8 @@ struct Inner {
     pool: PgPool,
     table: TableName,
     timeout: Duration,
+    /// [`commit_bound`] of `timeout`: what a handler's transaction gets with its completion.
+    commit_bound: String,
     /// The connections handlers' transactions may hold at once: the pool's size less a reserve
     /// for the store's own calls (claims, renewals), which would starve otherwise.
     transactions: Arc<Semaphore>,
@@ -255,6 +258,7 @@ impl PostgresStoreBuilder {
                 sql: Statements::new(&table),
                 table,
                 timeout: self.timeout,
+                commit_bound: commit_bound(self.timeout),
                 sweep_interval: self.sweep_interval,
                 sweep_batch: self.sweep_batch,
                 sweeper_pending: AtomicBool::new(self.sweeper),

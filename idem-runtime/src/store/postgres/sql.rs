@@ -142,6 +142,11 @@ pub(super) struct Statements {
     pub(super) claim: String,
     pub(super) renew: String,
     pub(super) complete: String,
+    /// [`Statements::complete`] in a handler's transaction: the same fenced `UPDATE`, whose
+    /// `RETURNING` also bounds the wait for the transaction's `COMMIT` on the server (`$6`, the
+    /// [`commit_bound`] of the store timeout, set with `SET LOCAL`'s scope): one round trip for
+    /// both. A row comes back only when the fence held.
+    pub(super) complete_in_transaction: String,
     pub(super) release: String,
     pub(super) sweep: String,
     /// The journal of steps: load one request's, record one step (fenced), sweep.
@@ -195,6 +200,11 @@ impl Statements {
             complete: format!(
                 "UPDATE {t} r SET state = 'completed', owner = NULL, response = $4, \
                  expires_at = now() + $5 * interval '1 millisecond' WHERE {fence}"
+            ),
+            complete_in_transaction: format!(
+                "UPDATE {t} r SET state = 'completed', owner = NULL, response = $4, \
+                 expires_at = now() + $5 * interval '1 millisecond' WHERE {fence} \
+                 RETURNING set_config('idle_in_transaction_session_timeout', $6, true)"
             ),
             release: format!("DELETE FROM {t} r WHERE {fence}"),
             // Expired leases first (any owner's: a lease outlives its record only as a leftover),
@@ -285,7 +295,7 @@ SELECT rel IS NOT NULL AS exists,
 /// - `idle_in_transaction_session_timeout` the store timeout: a session left inside a transaction
 ///   (its client gone silent) is ended by the server and its locks released (a handler's
 ///   transaction restores the database's value, and bounds the wait for its `COMMIT` with
-///   [`commit_bound_sql`]);
+///   [`commit_bound`]);
 /// - TCP keepalives every few seconds, so that the server notices a peer that vanished within
 ///   half a minute instead of the system's default two hours.
 ///
@@ -329,15 +339,13 @@ pub(super) fn begin_sql(isolation: Option<Isolation>, restore: bool) -> String {
     sql
 }
 
-/// Sent in a handler's transaction just before the runtime completes the record: the server ends
-/// the transaction if its `COMMIT` does not follow within `timeout` (the store timeout, when the
+/// The value of `idle_in_transaction_session_timeout` that a handler's transaction gets with its
+/// record's completion ([`Statements::complete_in_transaction`]'s `$6`): the server ends the
+/// transaction if its `COMMIT` does not follow within `timeout` (the store timeout, when the
 /// runtime gives up on it), so a connection that went silent after the completion (a network
 /// partition) does not hold the record's row lock, and the key, for longer.
-pub(super) fn commit_bound_sql(timeout: Duration) -> String {
-    format!(
-        "SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
-        sql_millis(timeout)
-    )
+pub(super) fn commit_bound(timeout: Duration) -> String {
+    format!("{}ms", sql_millis(timeout))
 }
 
 /// A transaction isolation level, as Postgres names it.
@@ -454,7 +462,15 @@ mod tests {
             assert!(sql.contains("\"app\".\"records\""), "{sql}");
             assert!(sql.contains("FROM \"app\".\"records_leases\" l"), "{sql}");
         }
-        for sql in [&statements.renew, &statements.complete, &statements.release] {
+        assert!(statements
+            .complete_in_transaction
+            .starts_with(&statements.complete));
+        for sql in [
+            &statements.renew,
+            &statements.complete,
+            &statements.complete_in_transaction,
+            &statements.release,
+        ] {
             assert!(sql.contains("r.owner = $2 AND r.fingerprint = $3 AND greatest("));
         }
         assert!(sql.contains("TABLE IF NOT EXISTS \"app\".\"records_leases\" ("));
@@ -469,10 +485,7 @@ mod tests {
              SET LOCAL lock_timeout TO DEFAULT; SET LOCAL idle_in_transaction_session_timeout TO DEFAULT"
         );
         assert_eq!(begin_sql(None, false), "BEGIN");
-        assert_eq!(
-            commit_bound_sql(Duration::from_secs(2)),
-            "SET LOCAL idle_in_transaction_session_timeout = '2000ms'"
-        );
+        assert_eq!(commit_bound(Duration::from_secs(2)), "2000ms");
         assert!("snapshot".parse::<Isolation>().is_err());
         let session = session_sql(Duration::from_secs(2));
         assert!(

@@ -27,7 +27,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, OwnedSemaphorePermit};
 
 use super::{
     is_broken_connection, map_err,
-    sql::{begin_sql, commit_bound_sql, sql_millis},
+    sql::{begin_sql, sql_millis},
     PostgresStore,
 };
 use crate::{
@@ -542,7 +542,7 @@ impl Completion for TransactionCompletion {
     }
 }
 
-/// The fenced completion on the transaction's connection, then `COMMIT`.
+/// The fenced completion on the transaction's connection, then `COMMIT`: two round trips.
 async fn complete_and_commit(
     shared: &Shared,
     open: OpenTransaction,
@@ -551,50 +551,50 @@ async fn complete_and_commit(
     ttl: Duration,
 ) -> Result<Ownership, StoreError> {
     let OpenTransaction { mut txn, _permit } = open;
-    let reopen = |txn| OpenTransaction { txn, _permit };
-    {
-        let store = &shared.store;
-        let record = encode_completed(ticket.fingerprint(), response)?;
-        // From here the transaction waits for the runtime only: bound that wait on the server
-        // (a `COMMIT` lost in a partition must not leave the record's row locked for hours).
-        let bound = commit_bound_sql(store.inner.timeout);
-        if let Err(err) = store.bounded(sqlx::query(&bound).execute(&mut *txn)).await {
-            shared.rollback(reopen(txn)).await;
-            return Err(err);
+    let store = &shared.store;
+    match complete_in_transaction(store, &mut txn, ticket, response, ttl).await {
+        Ok(Ownership::Held) => store.bounded(txn.commit()).await.map(|()| Ownership::Held),
+        not_held => {
+            shared.rollback(OpenTransaction { txn, _permit }).await;
+            not_held
         }
-        // The store's own fenced `complete`, on the transaction's connection. Its `now()` is the
-        // transaction's start: a lease that ran out since then with nobody taking the key over
-        // still completes (no other execution can have begun: a take-over would have changed
-        // the owner, and one racing this statement waits for its row lock, then sees the
-        // completed record).
-        let updated = store
-            .bounded(
-                sqlx::query(&store.inner.sql.complete)
-                    .bind(&ticket.key().as_bytes()[..])
-                    .bind(&ticket.token().as_bytes()[..])
-                    .bind(&ticket.fingerprint().as_bytes()[..])
-                    .bind(&record[..])
-                    .bind(sql_millis(ttl))
-                    .execute(&mut *txn),
-            )
-            .await;
-        match updated.map(|done| done.rows_affected()) {
-            Ok(1) => {}
-            Ok(0) => {
-                shared.rollback(reopen(txn)).await;
-                return Ok(Ownership::Lost);
-            }
-            Ok(n) => {
-                shared.rollback(reopen(txn)).await;
-                return Err(StoreError::Protocol(format!(
-                    "a fenced write changed {n} rows"
-                )));
-            }
-            Err(err) => {
-                shared.rollback(reopen(txn)).await;
-                return Err(err);
-            }
-        }
-        store.bounded(txn.commit()).await.map(|()| Ownership::Held)
     }
+}
+
+/// The store's fenced `complete`, on the transaction's connection, in one statement whose
+/// `RETURNING` also bounds the wait for the `COMMIT` on the server: from here the transaction
+/// waits for the runtime only, and a `COMMIT` lost in a partition must not leave the record's row
+/// locked for hours. (It used to be a `SET LOCAL` of its own before the `UPDATE`: a round trip
+/// more per request.) When the fence does not hold, no row comes back and nothing is set: the
+/// caller rolls back at once.
+///
+/// The statement's `now()` is the transaction's start: a lease that ran out since then with
+/// nobody taking the key over still completes (no other execution can have begun: a take-over
+/// would have changed the owner, and one racing this statement waits for its row lock, then sees
+/// the completed record).
+async fn complete_in_transaction(
+    store: &PostgresStore,
+    txn: &mut PgConnection,
+    ticket: &Ticket,
+    response: &StoredResponse,
+    ttl: Duration,
+) -> Result<Ownership, StoreError> {
+    let record = encode_completed(ticket.fingerprint(), response)?;
+    let inner = &*store.inner;
+    let updated = store
+        .bounded(
+            sqlx::query(&inner.sql.complete_in_transaction)
+                .bind(&ticket.key().as_bytes()[..])
+                .bind(&ticket.token().as_bytes()[..])
+                .bind(&ticket.fingerprint().as_bytes()[..])
+                .bind(&record[..])
+                .bind(sql_millis(ttl))
+                .bind(inner.commit_bound.as_str())
+                .fetch_optional(&mut *txn),
+        )
+        .await?;
+    Ok(match updated {
+        Some(_) => Ownership::Held,
+        None => Ownership::Lost,
+    })
 }
