@@ -6,7 +6,9 @@
 //! - a copy answers as the store would: the same response, 422 to a different body, and never
 //!   after the record expired;
 //! - `replay_cache(0)` turns it off: every retry reads the store;
-//! - the copies stay within the capacity under a flood of unique completed keys.
+//! - the copies stay within the capacity under a flood of unique completed keys;
+//! - over a `PostgresStore` (a real throwaway Postgres), a claim that reads a completed record
+//!   leaves a copy that lasts no longer than the record.
 
 mod common;
 
@@ -59,10 +61,14 @@ fn instance(
     redis: &RedisServer,
     configure: impl FnOnce(Idempotency) -> Idempotency,
 ) -> (TestServer, Arc<web::Data<Executions>>) {
-    let idem = configure(Idempotency::new(common::redis_store(
+    serve(configure(Idempotency::new(common::redis_store(
         redis,
         Duration::from_secs(2),
-    )));
+    ))))
+}
+
+/// One app instance with `idem`.
+fn serve(idem: Idempotency) -> (TestServer, Arc<web::Data<Executions>>) {
     let executions = Arc::new(web::Data::new(Executions::default()));
     let data = Arc::clone(&executions);
     let server = TestServer::start(idem, move |cfg| {
@@ -257,4 +263,60 @@ async fn the_copies_stay_within_the_capacity_under_a_flood_of_unique_keys() {
         "the copies weigh {weighed} bytes, over the {CAPACITY}-byte capacity"
     );
     assert!(weighed > 0, "some copies are kept");
+}
+
+/// Over Postgres, the claim tells how long the record it read still lives: instance B's copy
+/// replays a record deleted by hand (the README's warning), an instance without the cache runs
+/// the request again, and B's copy of a 3 s record ends with the record.
+#[cfg(feature = "postgres")]
+#[actix_rt::test]
+async fn over_postgres_a_claim_that_reads_a_record_leaves_a_copy_that_ends_with_it() {
+    let server = idem_testkit::postgres::PostgresServer::start();
+    let store = || async {
+        let store = idem::PostgresStore::from_url(&server.url()).expect("store");
+        store.migrate().await.expect("migrate");
+        store
+    };
+    let (a, a_runs) = serve(Idempotency::new(store().await));
+    let (b, b_runs) = serve(Idempotency::new(store().await));
+    let (c, c_runs) = serve(Idempotency::new(store().await).replay_cache(0));
+    let first = post(&a, "/payments", "pg", BODY).await;
+    assert_eq!(first.status, 201);
+    let brief = post(&a, "/brief", "pg-brief", BODY).await;
+    assert_eq!(brief.status, 201);
+    // B reads both records once through its claim, and keeps copies.
+    for (path, key, body) in [
+        ("/payments", "pg", &first.body),
+        ("/brief", "pg-brief", &brief.body),
+    ] {
+        let replay = post(&b, path, key, BODY).await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+        assert_eq!(&replay.body, body);
+    }
+
+    server.psql("DELETE FROM idem_records");
+    let copied = post(&b, "/payments", "pg", BODY).await;
+    assert_eq!(copied.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        copied.body, first.body,
+        "B's copy outlives a record deleted by hand"
+    );
+    assert_eq!(
+        post(&b, "/payments", "pg", br#"{"amount":1}"#).await.status,
+        422
+    );
+    let uncached = post(&c, "/payments", "pg", BODY).await;
+    assert_eq!(uncached.status, 201);
+    assert_eq!(
+        uncached.header("idempotent-replayed"),
+        None,
+        "C reads the store"
+    );
+
+    // The 3 s record's copy ends no later than the record would have.
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let after = post(&b, "/brief", "pg-brief", BODY).await;
+    assert_eq!(after.status, 201);
+    assert_eq!(after.header("idempotent-replayed"), None);
+    assert_eq!((a_runs.get(), b_runs.get(), c_runs.get()), (2, 1, 1));
 }

@@ -252,6 +252,11 @@ pub trait Store: std::any::Any + Send + Sync + 'static {
     }
 }
 
+/// What a copy of a Postgres record is kept less than the life the server answered: the time the
+/// answer took to come back, with room to spare.
+#[cfg(feature = "postgres")]
+const POSTGRES_MARGIN: Duration = Duration::from_secs(1);
+
 /// [`Store::claim`] (timed in the metrics), and how long a completed record the claim replays
 /// still lives, where the store can tell: the built-in network stores can, a custom store
 /// answers `None`. For the replay cache.
@@ -268,6 +273,13 @@ pub(crate) async fn claim_with_life(
     }
     if let Some(cluster) = any.downcast_ref::<redis::RedisClusterStore>() {
         return observe::timed(Op::Claim, kind, cluster.claim_expiring(ticket, lease)).await;
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(postgres) = any.downcast_ref::<postgres::PostgresStore>() {
+        let (claim, life) =
+            observe::timed(Op::Claim, kind, postgres.claim_expiring(ticket, lease)).await?;
+        // Counted by the server when it ran the claim: less a margin for the answer's way back.
+        return Ok((claim, life.map(|d| d.saturating_sub(POSTGRES_MARGIN))));
     }
     let claim = observe::timed(Op::Claim, kind, store.claim(ticket, lease)).await?;
     Ok((claim, None))

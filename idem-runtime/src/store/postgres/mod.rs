@@ -566,12 +566,13 @@ fn map_err(e: sqlx::Error, timeout: Duration) -> StoreError {
     }
 }
 
-/// Parses the claim function's row.
-fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
+/// Parses the claim function's row: the claim, and how long the completed record it met still
+/// lives (by the server's clock), for the replay cache.
+fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<(Claim, Option<Duration>), StoreError> {
     let column = |e: sqlx::Error| StoreError::Protocol(format!("claim answered a bad row: {e}"));
     let acquired: Option<bool> = row.try_get(0).map_err(column)?;
     if acquired == Some(true) {
-        return Ok(Claim::Acquired);
+        return Ok((Claim::Acquired, None));
     }
     let state: Option<String> = row.try_get(1).map_err(column)?;
     let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(column)?;
@@ -624,16 +625,17 @@ fn parse_claim(row: &PgRow, ticket: &Ticket) -> Result<Claim, StoreError> {
     };
     let remaining =
         Duration::from_millis(remaining.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0));
-    Ok(classify(record, ticket, remaining))
+    let life = matches!(record, Record::Completed { .. }).then_some(remaining);
+    Ok((classify(record, ticket, remaining), life))
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    fn kind(&self) -> &'static str {
-        "postgres"
-    }
-
-    async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+impl PostgresStore {
+    /// [`Store::claim`], and how long the completed record it met still lives.
+    pub(crate) async fn claim_expiring(
+        &self,
+        ticket: &Ticket,
+        lease: Duration,
+    ) -> Result<(Claim, Option<Duration>), StoreError> {
         let claimed = self
             .pooled(|| async {
                 let row = sqlx::query(&self.inner.sql.claim)
@@ -656,10 +658,24 @@ impl Store for PostgresStore {
             .await?;
         match claimed {
             Some(row) => parse_claim(&row, ticket),
-            None => Ok(Claim::InFlight {
-                retry_after: lease.min(self.inner.timeout),
-            }),
+            None => Ok((
+                Claim::InFlight {
+                    retry_after: lease.min(self.inner.timeout),
+                },
+                None,
+            )),
         }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn claim(&self, ticket: &Ticket, lease: Duration) -> Result<Claim, StoreError> {
+        Ok(self.claim_expiring(ticket, lease).await?.0)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<Ownership, StoreError> {
