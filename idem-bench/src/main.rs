@@ -627,9 +627,11 @@ fn monitor_check(redis: &RedisServer, port: u16) -> Result<(String, String), Str
     // MONITOR answers OK once it is attached; give it a moment, then mark the start.
     std::thread::sleep(Duration::from_millis(300));
     redis.cli(&["ECHO", "idem-bench-first"]);
-    let first = probe::post(port, "/redis/payments", "monitor-probe")?;
+    // Both through the store without the replay cache (with it, the replay would send nothing;
+    // the first request's commands are the same either way). One path for both: the path is
+    // part of the fingerprint.
+    let first = probe::post(port, "/redis-uncached/payments", "monitor-probe")?;
     redis.cli(&["ECHO", "idem-bench-replay"]);
-    // Through the store: with the replay cache, the replay would send nothing.
     let replay = probe::post(port, "/redis-uncached/payments", "monitor-probe")?;
     redis.cli(&["ECHO", "idem-bench-end"]);
     std::thread::sleep(Duration::from_millis(300));
