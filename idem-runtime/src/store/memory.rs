@@ -25,9 +25,12 @@ use crate::{
 };
 
 const SHARDS: usize = 32;
-/// A shard sweeps its expired records once every this many inserts, so memory stays bounded by
-/// the live records without a background task.
-const SWEEP_EVERY: u32 = 1024;
+/// A shard sweeps its expired records once it has taken this many new records since its last
+/// sweep, or a quarter of what it holds if that is more: memory stays bounded by the live records
+/// (at most a quarter more, plus this) without a background task, and a sweep's scan, which
+/// visits every record of the shard, costs each insert a constant share however many records
+/// are live (a fixed interval would cost each insert a share that grows with the store).
+const SWEEP_EVERY: usize = 1024;
 /// A full store sweeps every shard for expired records at most this often: a flood of new keys
 /// against a full store costs one sweep per interval, not one per request.
 const FULL_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -111,7 +114,8 @@ struct Shard {
     /// The journals of steps, beside the records: a release deletes the record and keeps its
     /// journal (so the retry resumes); each expires on its own, `ttl` after its last write.
     journals: HashMap<RecordKey, Journal>,
-    inserts: u32,
+    /// New records since the last sweep.
+    inserts: usize,
 }
 
 /// One request's journal of steps (see `Steps`).
@@ -254,6 +258,7 @@ impl MemoryStore {
 
     /// Drops the expired records of one shard.
     fn sweep(&self, shard: &mut Shard, now: Instant) {
+        shard.inserts = 0;
         let mut freed = 0;
         shard.records.retain(|_, e| {
             let live = e.expires_at > now;
@@ -318,8 +323,8 @@ impl MemoryStore {
         if let Some(old) = old {
             self.refund(old.cost);
         }
-        shard.inserts = shard.inserts.wrapping_add(1);
-        if shard.inserts.is_multiple_of(SWEEP_EVERY) {
+        shard.inserts += 1;
+        if shard.inserts >= SWEEP_EVERY.max((shard.records.len() + shard.journals.len()) / 4) {
             self.sweep(&mut shard, now);
         }
         Some(Claim::Acquired)
