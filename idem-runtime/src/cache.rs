@@ -3,15 +3,13 @@
 //!
 //! A completed record never changes until it expires (nothing in the protocol rewrites one), so
 //! a copy answers exactly what the store would: the stored response to the same request, 422 to
-//! another fingerprint. A copy never outlives its record: it is made
-//!
-//! - when this process completes a record, to last the record's ttl counted from before the
-//!   completion was sent (the store counts it from later);
-//! - when a claim finds a completed record in a store that tells how long the record still lives:
-//!   the Redis stores read it from the record (the expiry its writer put in it, by the writer's
-//!   clock, less a second for the clocks' skew), `PostgresStore` from its own clock. A record of
-//!   a store that cannot tell (a custom store, a record written before this release) is not
-//!   copied.
+//! another fingerprint. A copy is made when a claim finds a completed record (the first retry
+//! this process sees), never when a request completes one: most first requests are never
+//! retried, and they pay nothing for the cache. A copy never outlives its record: the store tells
+//! how long the record still lives (the Redis stores read it from the record, the expiry its
+//! writer put in it, by the writer's clock, less a second for the clocks' skew; `PostgresStore`
+//! from its own clock, less a second for the answer's way back). A record of a store that cannot
+//! tell (a custom store, a record written before this release) is not copied.
 //!
 //! No copy lives longer than [`MAX_AGE`] either, so that a record deleted from the store by hand
 //! stops replaying here within it. The copies are bounded in bytes (the configuration's
@@ -23,11 +21,13 @@
 //! The memory store keeps no cache: it is in this process already.
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use moka::{future::Cache, Expiry};
+use tokio::sync::watch;
 
 use crate::{
     fingerprint::Fingerprint,
@@ -51,6 +51,9 @@ pub(crate) struct ReplayCache {
     /// The largest copy kept: a sixteenth of the capacity, so that one response cannot empty the
     /// cache.
     largest: usize,
+    /// The keys this process is reading from the store now (after a miss), each with the end of
+    /// its read to wait for.
+    reading: Mutex<HashMap<RecordKey, watch::Receiver<()>>>,
 }
 
 /// A copy of one completed record.
@@ -111,9 +114,25 @@ impl Expiry<RecordKey, Arc<Copy>> for UntilItEnds {
     }
 }
 
-/// A claim that was not a replay with a known life: nothing to copy.
-#[derive(Debug)]
-struct NotCopied;
+/// A read of one key from the store by this process, underway: the other requests that miss on
+/// the key wait for its end, and its copy. Ends (and wakes them) when dropped, answered or not.
+struct Reading<'a> {
+    cache: &'a ReplayCache,
+    key: RecordKey,
+    /// Dropped after the key left the map: the waiters' `changed` returns.
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        lock(&self.cache.reading).remove(&self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every change under the lock is one insert or remove: a poisoned map is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl ReplayCache {
     /// A cache of at most `capacity` bytes of copies.
@@ -126,6 +145,7 @@ impl ReplayCache {
         Self {
             copies,
             largest: capacity / 16,
+            reading: Mutex::new(HashMap::new()),
         }
     }
 
@@ -155,65 +175,54 @@ impl ReplayCache {
         ticket: &Ticket,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        // The answer of the read this request made itself, when it was the one that made it.
-        let mut own = None;
-        let read = self
-            .copies
-            .try_get_with(*ticket.key(), async {
+        let role = {
+            let mut reading = lock(&self.reading);
+            match reading.get(ticket.key()) {
+                Some(underway) => Err(underway.clone()),
+                None => {
+                    let (done, underway) = watch::channel(());
+                    reading.insert(*ticket.key(), underway);
+                    Ok(Reading {
+                        cache: self,
+                        key: *ticket.key(),
+                        _done: done,
+                    })
+                }
+            }
+        };
+        match role {
+            Ok(reading) => {
                 let sent = Instant::now();
-                let claimed = claim_with_life(store, ticket, lease).await;
-                match claimed {
-                    Ok((Claim::Replay(response), Some(life))) => {
-                        let copy = Copy {
-                            fingerprint: *ticket.fingerprint(),
-                            response,
-                            until: sent + life.min(MAX_AGE),
-                        };
-                        own = Some(Ok(Claim::Replay(copy.response.clone())));
-                        if copy.weight() > self.largest || life.is_zero() {
-                            return Err(NotCopied);
-                        }
-                        Ok(Arc::new(copy))
-                    }
-                    other => {
-                        own = Some(other.map(|(claim, _)| claim));
-                        Err(NotCopied)
+                let claimed = claim_with_life(store, ticket, lease).await?;
+                if let (Claim::Replay(response), Some(life)) = &claimed {
+                    let copy = Copy {
+                        fingerprint: *ticket.fingerprint(),
+                        response: response.clone(),
+                        until: sent + (*life).min(MAX_AGE),
+                    };
+                    if copy.weight() <= self.largest && !life.is_zero() {
+                        self.copies.insert(*ticket.key(), Arc::new(copy)).await;
                     }
                 }
-            })
-            .await;
-        if let Some(own) = own {
-            return own;
+                drop(reading);
+                Ok(claimed.0)
+            }
+            Err(mut underway) => {
+                // Another request of this process is reading the record: its copy answers,
+                // unless there is none (the record was not a replay) or it is in another
+                // encoding. The sender only ever goes away: `changed` returns when it does.
+                let _ = underway.changed().await;
+                if let Some(answer) = self.answer(ticket).await {
+                    return Ok(answer);
+                }
+                observe::timed(Op::Claim, store.kind(), store.claim(ticket, lease)).await
+            }
         }
-        // Another request of this process read the record meanwhile: its copy answers, unless
-        // there is none (the record was not a replay) or it is in another encoding.
-        if let Some(answer) = read.ok().and_then(|copy| copy.answer(ticket)) {
-            return Ok(answer);
-        }
-        observe::timed(Op::Claim, store.kind(), store.claim(ticket, lease)).await
     }
 
     /// What a live copy answers to `ticket`, if there is one.
     async fn answer(&self, ticket: &Ticket) -> Option<Claim> {
         self.copies.get(ticket.key()).await?.answer(ticket)
-    }
-
-    /// Keeps a copy of the record `ticket` completed with `response`, which the store keeps until
-    /// at least `until`.
-    pub(crate) async fn completed(
-        &self,
-        ticket: &Ticket,
-        response: &StoredResponse,
-        until: Instant,
-    ) {
-        let copy = Copy {
-            fingerprint: *ticket.fingerprint(),
-            response: response.clone(),
-            until: until.min(Instant::now() + MAX_AGE),
-        };
-        if copy.weight() <= self.largest {
-            self.copies.insert(*ticket.key(), Arc::new(copy)).await;
-        }
     }
 
     /// The bytes the copies weigh now (after the cache's pending upkeep).

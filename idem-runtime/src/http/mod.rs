@@ -277,8 +277,7 @@ where
     ));
     steps.install(&req);
     let (key, fingerprint) = (*ticket.key(), *ticket.fingerprint());
-    let owned = Owned::new(Arc::clone(&settings.store), ticket, policy)
-        .with_cache(settings.replay_cache.clone());
+    let owned = Owned::new(Arc::clone(&settings.store), ticket, policy);
     let max_response = settings.max_response;
     // Still counted while it runs, wherever it runs, so that a graceful shutdown waits for it.
     // Counted as running here until it settles: a duplicate's 409 then says how long it takes.

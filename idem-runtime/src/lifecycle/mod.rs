@@ -208,8 +208,6 @@ pub(crate) struct Owned {
     store: Arc<dyn Store>,
     ticket: Ticket,
     policy: Policy,
-    /// Where a copy of the completed record goes.
-    cache: Option<Arc<ReplayCache>>,
 }
 
 /// The handler's work panicked.
@@ -234,14 +232,7 @@ impl Owned {
             store,
             ticket,
             policy,
-            cache: None,
         }
-    }
-
-    /// Keeps a copy of the record in `cache` once it is completed.
-    pub(crate) fn with_cache(mut self, cache: Option<Arc<ReplayCache>>) -> Self {
-        self.cache = cache;
-        self
     }
 
     /// Runs `work` (the handler, and reading its response) to its end while renewing the lease
@@ -282,8 +273,6 @@ impl Owned {
         match policy::disposition(response.status, self.policy.server_errors) {
             Disposition::Store => {
                 let binding = completion.holds_the_handlers_writes();
-                // The store keeps the record for the ttl from when it receives it: later than now.
-                let sent = std::time::Instant::now();
                 let written = completion
                     .complete(
                         &*self.store,
@@ -294,13 +283,7 @@ impl Owned {
                     )
                     .await;
                 match written {
-                    Ok(Ownership::Held) => {
-                        if let Some(cache) = &self.cache {
-                            cache
-                                .completed(&self.ticket, &response, sent + self.policy.ttl)
-                                .await;
-                        }
-                    }
+                    Ok(Ownership::Held) => {}
                     // The handler's writes were rolled back with the completion: its response
                     // would tell the client about work that did not happen.
                     Ok(Ownership::Lost) if binding => {
