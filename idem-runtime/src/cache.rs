@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moka::{future::Cache, Expiry};
+use moka::{sync::Cache, Expiry};
 use tokio::sync::watch;
 
 use crate::{
@@ -158,11 +158,11 @@ impl ReplayCache {
         ticket: &Ticket,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        if let Some(answer) = self.answer(ticket).await {
+        if let Some(answer) = self.answer(ticket) {
             return Ok(answer);
         }
-        // Boxed: the cache's own futures nest deep, and a handler's future type would otherwise
-        // go past the compiler's default recursion limit. A miss waits for a store round trip
+        // Boxed: inline, the store's claim futures nest deep enough to push a handler's future
+        // type past the compiler's default recursion limit. A miss waits for a store round trip
         // anyway.
         Box::pin(self.read(store, ticket, lease)).await
     }
@@ -201,7 +201,7 @@ impl ReplayCache {
                         until: sent + (*life).min(MAX_AGE),
                     };
                     if copy.weight() <= self.largest && !life.is_zero() {
-                        self.copies.insert(*ticket.key(), Arc::new(copy)).await;
+                        self.copies.insert(*ticket.key(), Arc::new(copy));
                     }
                 }
                 drop(reading);
@@ -212,7 +212,7 @@ impl ReplayCache {
                 // unless there is none (the record was not a replay) or it is in another
                 // encoding. The sender only ever goes away: `changed` returns when it does.
                 let _ = underway.changed().await;
-                if let Some(answer) = self.answer(ticket).await {
+                if let Some(answer) = self.answer(ticket) {
                     return Ok(answer);
                 }
                 observe::timed(Op::Claim, store.kind(), store.claim(ticket, lease)).await
@@ -221,14 +221,14 @@ impl ReplayCache {
     }
 
     /// What a live copy answers to `ticket`, if there is one.
-    async fn answer(&self, ticket: &Ticket) -> Option<Claim> {
-        self.copies.get(ticket.key()).await?.answer(ticket)
+    fn answer(&self, ticket: &Ticket) -> Option<Claim> {
+        self.copies.get(ticket.key())?.answer(ticket)
     }
 
     /// The bytes the copies weigh now (after the cache's pending upkeep).
     #[cfg(feature = "testing")]
     pub(crate) async fn weighed(&self) -> u64 {
-        self.copies.run_pending_tasks().await;
+        self.copies.run_pending_tasks();
         self.copies.weighted_size()
     }
 }
