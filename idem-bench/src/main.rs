@@ -1097,20 +1097,29 @@ fn report(
         }
     }
     if let Some(s) = get("idem-redis-replay") {
+        // Each round replays a key of its own (seeded by one first request before the
+        // measurement): one read of each is the most the cache may make.
+        let keys = s.runs.len() as u64;
         let reads: u64 = s.commands.values().sum();
+        let names: Vec<String> = s
+            .commands
+            .iter()
+            .map(|(name, calls)| format!("{} {calls}", name.to_uppercase()))
+            .collect();
         check(
             format!(
-                "retry storm: {} replays of one completed key (measured, all rounds) sent {reads} Redis commands (target: at most 1 read per instance; issue 22)",
-                s.requests
+                "retry storm: {} replays of {keys} completed keys (one per round) sent {reads} Redis commands ({}) (target: at most 1 read per key and instance; issue 22)",
+                s.requests,
+                names.join(", ")
             ),
-            reads <= 1,
+            reads <= keys,
         );
     }
     if stats.contains_key("idem-redis-first") {
         let capacity = idem::Idempotency::DEFAULT_REPLAY_CACHE as u64;
         check(
             format!(
-                "replay cache after every row (hundreds of thousands of unique completed keys): {:.1} MiB of copies, capacity {:.0} MiB (target: within it; issue 22)",
+                "replay cache after every row: {:.3} MiB of copies (a copy is made by a retry's read, so the unique-key rows add none; the flood of retried unique keys is `tests/replay_cache.rs`), capacity {:.0} MiB (target: within it; issue 22)",
                 cache_bytes as f64 / 1048576.0,
                 capacity as f64 / 1048576.0
             ),
