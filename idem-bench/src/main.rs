@@ -427,7 +427,13 @@ impl RowStats {
     }
     /// Commands the app sent per request: its Redis round trips.
     fn sent_per_request(&self, inner: &[(&str, f64)]) -> f64 {
-        self.per_request(inner).0.iter().map(|(_, n)| n).sum()
+        // An empty sum is -0.0 (the float sum starts there): shown as 0.
+        let sum: f64 = self.per_request(inner).0.iter().map(|(_, n)| n).sum();
+        if sum > 0.0 {
+            sum
+        } else {
+            0.0
+        }
     }
     fn cpu_us(&self, seconds: f64) -> f64 {
         if self.requests == 0 {

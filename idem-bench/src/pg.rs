@@ -440,7 +440,9 @@ pub(crate) fn run(opts: &PgOptions, script: &Path) -> Result<String, String> {
                 .map_or("—".to_owned(), |(_, base)| {
                     format!("{:.2}×", m.result.rps() / base.result.rps().max(1e-9))
                 });
+            // An empty sum is -0.0 (the float sum starts there): shown as 0.
             let total: f64 = m.per_request.iter().map(|(_, n, _)| n).sum();
+            let total = if total > 0.0 { total } else { 0.0 };
             let list = m
                 .per_request
                 .iter()
