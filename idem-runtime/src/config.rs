@@ -199,10 +199,11 @@ impl Idempotency {
     /// a completed request is replayed without a store round trip, and a retry storm on one key
     /// costs the store one read per instance. A copy answers exactly as the store would (the
     /// same response to the same request, 422 to a different one) and never outlives its
-    /// record: it lasts the record's ttl from this instance's completion, or the record's
-    /// remaining life when a claim read it (the Redis stores write the expiry into the record,
-    /// read by this instance's clock less a second; `PostgresStore` answers it by its own
-    /// clock), and at most 10 minutes. What it changes: **a record deleted from the store by
+    /// record. A copy is made when a retry's claim reads a completed record from the store
+    /// (never when a request completes one: first requests pay nothing for it), and lasts the
+    /// record's remaining life (the Redis stores write the expiry into the record, read by this
+    /// instance's clock less a second; `PostgresStore` answers it by its own clock, less a
+    /// second), and at most 10 minutes. What it changes: **a record deleted from the store by
     /// hand keeps replaying on an instance that holds a copy until the copy ends** (at most 10
     /// minutes, or restart the instance). Copies are weighed by their headers and body; the
     /// least used go first when the capacity is reached, and a response over a sixteenth of
