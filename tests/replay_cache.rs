@@ -80,11 +80,7 @@ fn serve(idem: Idempotency) -> (TestServer, Arc<web::Data<Executions>>) {
 }
 
 async fn post(server: &TestServer, path: &str, key: &str, body: &[u8]) -> RawResponse {
-    common::send(
-        server.addr,
-        common::post(path, &[("idempotency-key", key)], body),
-    )
-    .await
+    common::post_keyed(server.addr, path, key, body).await
 }
 
 /// The claims (`SET ... NX GET`) and completions (`EVALSHA`) Redis has run since the last reset.

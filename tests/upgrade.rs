@@ -89,11 +89,7 @@ fn serve(idem: Idempotency) -> (TestServer, Arc<web::Data<Executions>>) {
 }
 
 async fn post(server: &TestServer, path: &str, key: &str, body: &[u8]) -> RawResponse {
-    common::send(
-        server.addr,
-        common::post(path, &[("idempotency-key", key)], body),
-    )
-    .await
+    common::post_keyed(server.addr, path, key, body).await
 }
 
 fn problem_type(resp: &RawResponse) -> String {

@@ -207,6 +207,16 @@ pub async fn send(addr: std::net::SocketAddr, request: Vec<u8>) -> RawResponse {
         .expect("client thread")
 }
 
+/// A `POST` of `body` to `path` with an `Idempotency-Key`, through [`send`].
+pub async fn post_keyed(
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: &str,
+    body: &[u8],
+) -> RawResponse {
+    send(addr, post(path, &[("idempotency-key", key)], body)).await
+}
+
 /// Sends one request and reads whatever comes back within `timeout`: `Err` when no complete
 /// response head arrived (the server hung, or closed the connection without answering). A write
 /// error is ignored so that an early answer (413 before the whole body was read) is still read.
