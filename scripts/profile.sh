@@ -3,9 +3,10 @@
 # need an idle machine, unlike scripts/bench.sh): each row runs N and 2N requests in process, and
 # the difference divided by N is what one request costs, start-up cancelled out.
 #
-#   scripts/profile.sh [N]        (default N=300; installs valgrind and redis-server where missing)
+#   scripts/profile.sh [--metrics] [N]   (default N=300; installs valgrind and redis-server where
+#                                         missing; --metrics installs the Prometheus recorder first)
 #
-# Add `--row <name>` rows of idem-profile by editing ROWS below.
+# IDEM_PROFILE_ROWS="plain memory-first" picks rows of idem-profile (default: all five).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
 
+if [ "${1:-}" = "--metrics" ]; then export IDEM_PROFILE_METRICS=1; shift; fi
 n="${1:-300}"
-ROWS=(plain memory-first memory-replay redis-first redis-replay)
+# shellcheck disable=SC2206 # the rows are words
+ROWS=(${IDEM_PROFILE_ROWS:-plain memory-first memory-replay redis-first redis-replay})
 cargo build --release --locked -p idem-bench --bin idem-profile >&2
 bin="${CARGO_TARGET_DIR:-target}/release/idem-profile"
 
@@ -36,8 +39,13 @@ for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep
 ir() { # row, requests -> "total sha256"
   valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" "$bin" "$1" "$2" \
     "redis://127.0.0.1:$port" >/dev/null 2>&1
-  local total sha
+  local total sha clock
   total="$(callgrind_annotate "$dir/cg.out" | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)"
+  # With --metrics, the recorder's clock (quanta) calibrates itself against the wall clock when it
+  # starts, for a number of instructions that differs from run to run: left out, or the N and 2N
+  # runs would not cancel out.
+  clock="$(callgrind_annotate --inclusive=yes "$dir/cg.out" | sed -n 's/^ *\([0-9,]*\) .*quanta::Clock::new .*/\1/p' | head -1 | tr -d ,)"
+  total=$(( total - ${clock:-0} ))
   sha="$(callgrind_annotate "$dir/cg.out" | sed -n 's/^ *\([0-9,]*\) .*sha256::compress256.*/\1/p' | head -1 | tr -d ,)"
   echo "$total ${sha:-0}"
 }

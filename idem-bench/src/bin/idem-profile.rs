@@ -7,6 +7,10 @@
 //! rows: plain | memory-first | memory-replay | redis-first | redis-replay
 //! ```
 //!
+//! With `IDEM_PROFILE_METRICS=1` in the environment, the Prometheus recorder is installed first
+//! (the bench's `--metrics`, without its upkeep thread): the difference between the two counts is
+//! what idem's metrics cost per request.
+//!
 //! Every row runs the same handler as the load benchmark (an authenticated caller, a JSON body, a
 //! 201 with a ~200-byte JSON body and a `Location` header); the `*-replay` rows store one record
 //! first and then replay it.
@@ -98,6 +102,9 @@ fn main() -> Result<(), String> {
         .and_then(|n| n.parse().ok())
         .ok_or("the number of requests")?;
     let redis_url = args.next();
+    if std::env::var_os("IDEM_PROFILE_METRICS").is_some() {
+        install_recorder()?;
+    }
     actix_web::rt::System::new().block_on(async move {
         let idem = match (row.as_str(), &redis_url) {
             ("redis-first" | "redis-replay", Some(url)) => {
@@ -143,4 +150,21 @@ fn main() -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+/// The recorder an application installs (the README's buckets), as the bench's `--metrics` does.
+fn install_recorder() -> Result<(), String> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("idem_store_operation_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ],
+        )
+        .map_err(|e| format!("the metrics buckets: {e}"))?
+        .install_recorder()
+        .map(drop)
+        .map_err(|e| format!("installing the metrics recorder: {e}"))
 }
