@@ -37,6 +37,9 @@ struct Options {
     postgres: bool,
     preload: bool,
     metrics: bool,
+    /// `--baseline FILE`: the report of a run without `--metrics`, and its app CPU per request
+    /// by row number.
+    baseline: Option<(String, BTreeMap<String, f64>)>,
 }
 
 impl Options {
@@ -56,6 +59,7 @@ impl Options {
             postgres: false,
             preload: false,
             metrics: false,
+            baseline: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -94,6 +98,16 @@ impl Options {
                     o.preload = true;
                 }
                 "--metrics" => o.metrics = true,
+                "--baseline" => {
+                    let path = value("--baseline")?;
+                    let report = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--baseline {path}: {e}"))?;
+                    let cpu = app_cpu_by_row(&report);
+                    if cpu.is_empty() {
+                        return Err(format!("--baseline {path}: no table of a run in it"));
+                    }
+                    o.baseline = Some((path, cpu));
+                }
                 "-h" | "--help" => {
                     println!("{HELP}");
                     std::process::exit(0);
@@ -137,7 +151,9 @@ options:
                    first-request rows again, and measure the sweep's rate
   --metrics        install a metrics recorder (Prometheus with the README's buckets, never
                    rendered; upkeep every 5 s) for the whole run: compare with a run without it,
-                   back to back, for the cost of idem's metrics";
+                   back to back, for the cost of idem's metrics
+  --baseline FILE  with --metrics: the report of a run without it (scripts/bench.sh > FILE),
+                   whose app CPU per request each row is compared with";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seed {
@@ -1144,16 +1160,84 @@ fn report(
         );
     }
     if opts.metrics {
-        let _ = writeln!(
-            out,
-            "- [?] metrics: compare each row's app CPU µs/req with a run without `--metrics`, back to back (target: at most +2%; issue 22)"
-        );
+        match metrics_cost(opts, rows, stats) {
+            Some((line, ok)) => check(line, ok),
+            None => {
+                let _ = writeln!(
+                    out,
+                    "- [?] metrics: compare each row's app CPU µs/req with a run without `--metrics`, back to back: `scripts/bench.sh > without.md && scripts/bench.sh --metrics --baseline without.md` (target: at most +2%; issue 22)"
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
         "\nRun: `scripts/bench.sh` (any option is passed on, see `scripts/bench.sh --help`)."
     );
     out
+}
+
+/// The app CPU µs per request of each row of a report's table, by row number (`| 3 | ... |`, the
+/// next-to-last column).
+fn app_cpu_by_row(report: &str) -> BTreeMap<String, f64> {
+    report
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // "| # | row | req/s | ... | app CPU µs/req | Redis CPU µs/req |": 11 columns.
+            if cells.len() != 13 || cells[1].is_empty() || cells[1] == "#" {
+                return None;
+            }
+            let cpu = cells[10].parse::<f64>().ok()?;
+            Some((cells[1].to_owned(), cpu))
+        })
+        .collect()
+}
+
+/// The metrics' cost against `--baseline`: each row's app CPU per request against the same row
+/// there. The rows without idem emit no metric: their mean change is the drift between the two
+/// runs, and the target is judged on the rows of idem's mean change net of it. `None` without a
+/// baseline or a row of idem in common.
+fn metrics_cost(
+    opts: &Options,
+    rows: &[&RowDef],
+    stats: &BTreeMap<&str, RowStats>,
+) -> Option<(String, bool)> {
+    let (path, base) = opts.baseline.as_ref()?;
+    let (mut idem, mut other) = (Vec::new(), Vec::new());
+    for row in rows {
+        let (Some(s), Some(b)) = (stats.get(row.id), base.get(row.num)) else {
+            continue;
+        };
+        let change = s.cpu_us(s.app_cpu) / b - 1.0;
+        if row.label.contains("#[idempotent]") {
+            idem.push((row.num, change));
+        } else {
+            other.push((row.num, change));
+        }
+    }
+    let mean = |v: &[(&str, f64)]| v.iter().map(|(_, c)| c).sum::<f64>() / v.len().max(1) as f64;
+    let list = |v: &[(&str, f64)]| {
+        v.iter()
+            .map(|(num, change)| format!("{num} {:+.1}%", change * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if idem.is_empty() {
+        return None;
+    }
+    let (with_metrics, drift) = (mean(&idem), mean(&other));
+    let net = ((1.0 + with_metrics) / (1.0 + drift) - 1.0) * 100.0;
+    Some((
+        format!(
+            "metrics: app CPU µs/req against {path} (a run without `--metrics`): rows of idem {} (mean {:+.1}%), rows without idem {} (mean {:+.1}%: the drift between the two runs); the metrics' share, net of the drift: {net:+.1}% (target: at most +2%; issue 22)",
+            list(&idem),
+            with_metrics * 100.0,
+            list(&other),
+            drift * 100.0
+        ),
+        net <= 2.0,
+    ))
 }
 
 fn main() {
