@@ -305,7 +305,7 @@ fn emit(name: &'static str, labels: Labels, value: Value, now: Instant) {
     metrics::with_recorder(|recorder| {
         let at = address(recorder);
         let keep = at == GLOBAL.load(Ordering::Relaxed) || at == probe();
-        METRICS.with(|metrics| {
+        let cached = METRICS.try_with(|metrics| {
             let Ok(mut metrics) = metrics.try_borrow_mut() else {
                 // Re-entered (a recorder that emits idem's metrics while registering one).
                 return value.register(recorder, &new_key(name, labels), None);
@@ -341,6 +341,11 @@ fn emit(name: &'static str, labels: Labels, value: Value, now: Instant) {
                 value.register(recorder, &metric.key, Some((&mut metric.kept, now)));
             }
         });
+        if cached.is_err() {
+            // The thread is ending and its metrics are gone (a request finished by a
+            // thread-local's destructor): asked of the recorder, not lost.
+            value.register(recorder, &new_key(name, labels), None);
+        }
     });
 }
 
@@ -593,6 +598,26 @@ mod tests {
         let replayed = [("handler", "global-pay"), ("outcome", "replayed")];
         assert_eq!(counted(&local.snapshotter(), REQUESTS, &replayed), 1);
         assert_eq!(counted(&snapshotter, REQUESTS, &replayed), 0);
+
+        // A request that ends in a thread-local's destructor, after the thread's own metrics
+        // are gone (destructors run in the reverse order of the first uses), is still counted.
+        struct EndsLate;
+        impl Drop for EndsLate {
+            fn drop(&mut self) {
+                request("global-pay", Outcome::InFlight);
+            }
+        }
+        thread_local! {
+            static ENDS_LATE: RefCell<Option<EndsLate>> = const { RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            ENDS_LATE.with(|late| *late.borrow_mut() = Some(EndsLate));
+            request("global-pay", Outcome::InFlight);
+        })
+        .join()
+        .expect("a thread whose last request ends as it exits");
+        let in_flight = [("handler", "global-pay"), ("outcome", "in_flight")];
+        assert_eq!(counted(&snapshotter, REQUESTS, &in_flight), 2);
     }
 
     /// Every helper emits under its documented name and labels, through a recorder local to the
