@@ -423,16 +423,23 @@ mod tests {
     use std::sync::{atomic::AtomicU64, Arc};
 
     use metrics::{KeyName, SharedString};
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use metrics_util::{
+        debugging::{DebugValue, DebuggingRecorder, Snapshotter},
+        CompositeKey,
+    };
 
     use super::*;
 
-    /// The value of the counter `name` with `labels`, in a snapshot; 0 when it was never emitted.
-    fn counted(snapshotter: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
+    type Snapshot = Vec<(CompositeKey, Option<Unit>, Option<SharedString>, DebugValue)>;
+
+    /// The value of the metric `name` with `labels` in a snapshot.
+    fn value_of<'a>(
+        snapshot: &'a Snapshot,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<&'a DebugValue> {
+        snapshot
+            .iter()
             .find(|(key, _, _, _)| {
                 let key = key.key();
                 key.name() == name
@@ -440,10 +447,16 @@ mod tests {
                         .iter()
                         .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
             })
-            .map_or(0, |(_, _, _, value)| match value {
-                DebugValue::Counter(n) => n,
-                other => panic!("{name} is not a counter: {other:?}"),
-            })
+            .map(|(_, _, _, value)| value)
+    }
+
+    /// The value of the counter `name` with `labels` now; 0 when it was never emitted.
+    fn counted(snapshotter: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
+        match value_of(&snapshotter.snapshot().into_vec(), name, labels) {
+            None => 0,
+            Some(DebugValue::Counter(n)) => *n,
+            Some(other) => panic!("{name} is not a counter: {other:?}"),
+        }
     }
 
     /// Recorders made one after another at one address (a test's recorder, made anew in a loop
@@ -650,16 +663,7 @@ mod tests {
         });
         let snapshot = snapshotter.snapshot().into_vec();
         let find = |name: &str, labels: &[(&str, &str)]| {
-            snapshot
-                .iter()
-                .find(|(key, _, _, _)| {
-                    let key = key.key();
-                    key.name() == name
-                        && labels
-                            .iter()
-                            .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
-                })
-                .map(|(_, _, _, value)| value)
+            value_of(&snapshot, name, labels)
                 .unwrap_or_else(|| panic!("{name} {labels:?} in {snapshot:?}"))
         };
         assert_eq!(
